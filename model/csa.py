@@ -1,0 +1,152 @@
+"""Cross-sequence attention (CSA): each row of a group looks at the other rows' newest hidden
+state just before the LM head, so questions about one passage can inform each other.
+
+For the final normed hidden states h [B, d] of the newest token of every row:
+    Q, K, V = h Wq, h Wk, h Wv                    (num_heads heads, no bias)
+    a = softmax(Q K^T / sqrt(d_head) + mask) V Wo  (mask: same group, other row, row active)
+    g = sigmoid(W2 GELU(W1 [LN(h); LN(a); LN(h) * LN(a)] + b1) + b2)   (per dimension)
+    h' = h + g * a
+Wo starts at zero, so an untrained module is exactly the identity. A row with no other active
+row in its group (a group of one, or the last unfinished row) gets a = 0, hence h' = h.
+
+An optional low-rank LM-head adapter adds (h' A) B to the logits. It leaves the base LM head
+untouched, which matters for models that tie the LM head to the input embeddings. B starts at
+zero, so the adapter is also the identity until trained.
+
+A checkpoint is a directory with `csa.safetensors` and `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "csa.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A CSA checkpoint was made for another base model."""
+
+
+@dataclass
+class CSAConfig:
+    hidden_size: int
+    num_heads: int = 8
+    gate_bias_init: float = -3.0
+    adapter_rank: int = 0  # 0: no LM-head adapter
+    vocab_size: int = 0  # the adapter's output size; needed when adapter_rank > 0
+    use_csa: bool = True  # False: adapter-only checkpoint (the training control)
+    base_model: str = ""
+    base_fingerprint: str = ""
+    meta: dict = field(default_factory=dict)  # training args, metrics: informational
+
+    @property
+    def gate_hidden(self) -> int:
+        return max(1, self.hidden_size // 4)
+
+
+class CrossSequenceAttention(nn.Module):
+    def __init__(self, config: CSAConfig):
+        super().__init__()
+        if config.hidden_size % config.num_heads:
+            raise ValueError(
+                f"hidden size {config.hidden_size} is not divisible by {config.num_heads} heads"
+            )
+        self.config = config
+        d = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = d // config.num_heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.norm_h = nn.LayerNorm(d)
+        self.norm_a = nn.LayerNorm(d)
+        self.gate_in = nn.Linear(3 * d, config.gate_hidden)
+        self.gate_out = nn.Linear(config.gate_hidden, d)
+        rank = config.adapter_rank
+        if rank and config.vocab_size < 1:
+            raise ValueError("an LM-head adapter needs the vocabulary size")
+        self.adapter_down = nn.Linear(d, rank, bias=False) if rank else None
+        self.adapter_up = nn.Linear(rank, config.vocab_size, bias=False) if rank else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.constant_(self.gate_out.bias, self.config.gate_bias_init)
+        if self.adapter_up is not None:
+            nn.init.zeros_(self.adapter_up.weight)
+
+    def forward(self, h: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """h: [B, d]; group_ids: [B] (rows with equal ids form a group); active: [B] bool.
+        Returns h' [B, d]; inactive rows and rows without peers come back unchanged."""
+        if not self.config.use_csa:
+            return h
+        batch = h.shape[0]
+        # allowed[i, j]: row i may attend to row j
+        allowed = (group_ids[:, None] == group_ids[None, :]) & active[None, :] & active[:, None]
+        allowed &= ~torch.eye(batch, dtype=torch.bool, device=h.device)
+        has_peer = allowed.any(dim=-1)
+        if not bool(has_peer.any()):
+            return h
+        q, k, v = (
+            proj(h).view(batch, self.num_heads, self.head_dim).transpose(0, 1)  # [H, B, Dh]
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        scores = q @ k.transpose(1, 2) / math.sqrt(self.head_dim)  # [H, B, B]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # rows without peers would softmax over nothing (NaN): give them a dummy column, then zero
+        weights = torch.softmax(scores.masked_fill(~has_peer[None, :, None], 0.0), dim=-1)
+        mixed = (weights @ v).transpose(0, 1).reshape(batch, -1)  # [B, d]
+        a = self.o_proj(mixed) * has_peer[:, None]
+        ln_h, ln_a = self.norm_h(h), self.norm_a(a)
+        gate = torch.sigmoid(
+            self.gate_out(F.gelu(self.gate_in(torch.cat([ln_h, ln_a, ln_h * ln_a], dim=-1))))
+        )
+        return h + gate * a
+
+    def head_delta(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Low-rank logits correction [B, vocab], or None without an adapter."""
+        if self.adapter_down is None:
+            return None
+        return self.adapter_up(self.adapter_down(h))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, base_model: str = "", base_fingerprint: str = "",
+        hidden_size: int | None = None,
+    ) -> CrossSequenceAttention:
+        """Loads a checkpoint and refuses one made for another base model."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no CSA checkpoint at {directory} (missing {CONFIG_FILE})")
+        config = CSAConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        if hidden_size is not None and config.hidden_size != hidden_size:
+            raise CheckpointMismatchError(
+                f"CSA checkpoint {directory} has hidden size {config.hidden_size}, "
+                f"the base model has {hidden_size}"
+            )
+        if base_fingerprint and config.base_fingerprint not in ("", base_fingerprint):
+            raise CheckpointMismatchError(
+                f"CSA checkpoint {directory} was trained on {config.base_model or 'another model'}"
+                f" (weights {config.base_fingerprint[:12]}), not on {base_model or 'this model'}"
+                f" (weights {base_fingerprint[:12]})"
+            )
+        module = cls(config)
+        module.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        return module.eval().requires_grad_(False)

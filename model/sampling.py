@@ -1,0 +1,69 @@
+"""Per-request sampling: greedy or temperature / top-k / top-p with a per-request seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 96
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these params, as `field: reason` strings (empty if valid)."""
+        found = []
+        if self.max_tokens < 1:
+            found.append(f"max_tokens: must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            found.append(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            found.append(f"top_k: must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            found.append("stop: stop strings must not be empty")
+        return found
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A private RNG per request, so its samples do not depend on what it is batched with."""
+    if params.is_greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """logits: [vocab] for one row. Returns the next token id."""
+    if params.is_greedy:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already cover top_p; the first always stays
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
