@@ -85,7 +85,9 @@ class CrossSequenceAttention(nn.Module):
         if self.adapter_up is not None:
             nn.init.zeros_(self.adapter_up.weight)
 
-    def forward(self, h: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
         """h: [B, d]; group_ids: [B] (rows with equal ids form a group); active: [B] bool.
         Returns h' [B, d]; inactive rows and rows without peers come back unchanged."""
         if not self.config.use_csa:
