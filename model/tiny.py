@@ -51,7 +51,7 @@ def build_tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=4096,
         tie_word_embeddings=True,
         initializer_range=0.3,  # large weights: outputs vary with the prompt, unlike at 0.02
         bos_token_id=tokenizer.bos_token_id,

@@ -1,0 +1,148 @@
+"""The SQuAD grouping experiment in-process, on the engine (no server, no HTTP).
+
+    python -m bench.engine_bench --contexts 8 --group-sizes 1,5 --csa off
+    python -m bench.engine_bench --contexts 20 --group-sizes 1,5 --json out/engine.json
+
+Groups never mix contexts (a context's 5 questions at G=2 are groups of 2, 2, 1). Each group
+runs as its own engine batch unless --batch-groups packs several. Seconds are generation time
+only (model loading excluded), measured around the engine calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.squad import Group, load_selection, make_groups, score_answer
+from model.checkpoints import shipped_checkpoint
+from model.csa import CrossSequenceAttention, CSAConfig
+from model.engine import GroupedEngine, Member
+from model.loading import LoadedModel, load_model, weights_fingerprint
+from model.prompts import encode_chat, question_messages
+from model.sampling import SamplingParams
+
+COLUMNS = [
+    ("G", "group_size", "{}"),
+    ("groups", "num_groups", "{}"),
+    ("questions", "num_questions", "{}"),
+    ("billed", "prompt_tokens_billed", "{:,}"),
+    ("computed", "prompt_tokens_computed", "{:,}"),
+    ("computed %", "computed_share", "{:.1%}"),
+    ("generated", "completion_tokens", "{:,}"),
+    ("seconds", "seconds", "{:.1f}"),
+    ("q/s", "questions_per_second", "{:.2f}"),
+    ("EM", "em", "{:.3f}"),
+    ("F1", "f1", "{:.3f}"),
+    ("lenient", "lenient", "{:.3f}"),
+    ("tags", "tag_rate", "{:.3f}"),
+]
+
+
+def build_csa(choice: str | None, loaded: LoadedModel) -> tuple[CrossSequenceAttention | None, str]:
+    """`off`, `untrained` (identity), a checkpoint dir, or None for the shipped default."""
+    hidden_size = loaded.model.config.hidden_size
+    if choice == "off":
+        return None, "off"
+    if choice == "untrained":
+        return CrossSequenceAttention(CSAConfig(hidden_size=hidden_size)).eval(), "untrained"
+    path = Path(choice) if choice else shipped_checkpoint(loaded.name)
+    if path is None:
+        return None, "off (no shipped checkpoint)"
+    csa = CrossSequenceAttention.load(
+        path, loaded.name, weights_fingerprint(loaded.model), hidden_size
+    )
+    return csa, str(path)
+
+
+def run_group_size(
+    engine: GroupedEngine, groups: list[Group], params: SamplingParams, batch_groups: int
+) -> dict:
+    """Generates answers for every group; returns the result row for this group size."""
+    texts, usages, seconds = {}, [], 0.0
+    for start in range(0, len(groups), batch_groups):
+        batch = [
+            [
+                Member(encode_chat(engine.tokenizer, question_messages(q.context, q.question)),
+                       params, tag=q.id)
+                for q in group.questions
+            ]
+            for group in groups[start : start + batch_groups]
+        ]
+        began = time.perf_counter()
+        for event in engine.generate(batch):
+            texts[event.member.tag] = texts.get(event.member.tag, "") + event.text
+            if event.usage is not None:
+                usages.append(event.usage)
+        seconds += time.perf_counter() - began
+        print(f"\r  G={len(groups[0].questions)}: {min(start + batch_groups, len(groups))}"
+              f"/{len(groups)} groups", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    questions = [q for group in groups for q in group.questions]
+    scores = [score_answer(texts[q.id], q.answers) for q in questions]
+    billed = sum(u.prompt_tokens for u in usages)
+    computed = sum(u.computed_prompt_tokens for u in usages)
+    return {
+        "group_size": max(len(g.questions) for g in groups),
+        "num_groups": len(groups),
+        "num_questions": len(questions),
+        "prompt_tokens_billed": billed,
+        "prompt_tokens_computed": computed,
+        "computed_share": computed / billed,
+        "completion_tokens": sum(u.completion_tokens for u in usages),
+        "seconds": seconds,
+        "questions_per_second": len(questions) / seconds,
+        **{key: sum(s[key] for s in scores) / len(scores) for key in ("em", "f1", "lenient")},
+        "tag_rate": sum(s["has_tags"] for s in scores) / len(scores),
+        "answers": {q.id: texts[q.id] for q in questions},
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    rows = [[title for title, _, _ in COLUMNS]]
+    rows += [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, default=100)
+    parser.add_argument("--group-sizes", default="1,2,3,4,5")
+    parser.add_argument("--csa", default=None, help="off | untrained | PATH (default: shipped)")
+    parser.add_argument("--model", default=None, help="default: the embedded model")
+    parser.add_argument("--squad", default=None, help="a full SQuAD v1.1 dev file")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--batch-groups", type=int, default=1, help="groups per engine batch")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    loaded = load_model(args.model, args.device, args.dtype, args.threads)
+    csa, csa_label = build_csa(args.csa, loaded)
+    engine = GroupedEngine(loaded.model, loaded.tokenizer, csa)
+    selection = load_selection(args.contexts, args.squad, args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens)
+    results = [
+        run_group_size(engine, make_groups(selection, size), params, args.batch_groups)
+        for size in (int(s) for s in args.group_sizes.split(","))
+    ]
+    report = {"model": loaded.name, "csa": csa_label, "contexts": args.contexts,
+              "batch_groups": args.batch_groups, "results": results}
+    print(f"model {loaded.name}, CSA {csa_label}, {args.contexts} contexts")
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""CSA: identity at init, the row mask, the formula against a per-group reference, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.csa import CheckpointMismatchError, CrossSequenceAttention, CSAConfig
+
+D = 32
+
+
+def trained_like(seed: int = 0, **overrides) -> CrossSequenceAttention:
+    """A CSA whose output projection is not zero, so it really mixes rows."""
+    torch.manual_seed(seed)
+    csa = CrossSequenceAttention(CSAConfig(hidden_size=D, num_heads=4, **overrides))
+    torch.nn.init.normal_(csa.o_proj.weight, std=0.3)
+    return csa.eval()
+
+
+def test_untrained_module_is_the_identity():
+    csa = CrossSequenceAttention(CSAConfig(hidden_size=D, num_heads=4))
+    h = torch.randn(6, D)
+    out = csa(h, torch.tensor([0, 0, 0, 1, 1, 2]), torch.ones(6, dtype=torch.bool))
+    assert torch.equal(out, h)
+
+
+def test_rows_of_other_groups_have_no_influence():
+    csa = trained_like()
+    h = torch.randn(5, D)
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    active = torch.ones(5, dtype=torch.bool)
+    out = csa(h, groups, active)
+    changed = h.clone()
+    changed[3:] = torch.randn(2, D)
+    out_changed = csa(changed, groups, active)
+    assert torch.equal(out[:3], out_changed[:3])
+    assert not torch.allclose(out[3:], out_changed[3:])
+    assert not torch.allclose(out[:3], h[:3]), "rows with peers are mixed"
+
+
+def test_a_row_never_attends_to_itself():
+    csa = trained_like()
+    h = torch.randn(3, D)
+    out = csa(h, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool))
+    assert torch.equal(out, h)
+
+
+def test_inactive_rows_drop_out():
+    csa = trained_like()
+    h = torch.randn(4, D)
+    groups = torch.zeros(4, dtype=torch.long)
+    active = torch.tensor([True, True, False, True])
+    out = csa(h, groups, active)
+    changed = h.clone()
+    changed[2] = torch.randn(D)
+    out_changed = csa(changed, groups, active)
+    assert torch.equal(out[[0, 1, 3]], out_changed[[0, 1, 3]])
+    assert torch.equal(out[2], h[2])
+    reduced = csa(h[[0, 1, 3]], groups[:3], torch.ones(3, dtype=torch.bool))
+    torch.testing.assert_close(out[[0, 1, 3]], reduced)
+
+
+def reference(csa: CrossSequenceAttention, h: torch.Tensor) -> torch.Tensor:
+    """The formula for one group, written out row by row."""
+    heads, dh = csa.num_heads, csa.head_dim
+    out = []
+    for i in range(h.shape[0]):
+        others = [j for j in range(h.shape[0]) if j != i]
+        parts = []
+        for head in range(heads):
+            cut = slice(head * dh, (head + 1) * dh)
+            q = csa.q_proj(h[i])[cut]
+            k = torch.stack([csa.k_proj(h[j])[cut] for j in others])
+            v = torch.stack([csa.v_proj(h[j])[cut] for j in others])
+            parts.append(torch.softmax(k @ q / math.sqrt(dh), dim=0) @ v)
+        a = csa.o_proj(torch.cat(parts))
+        ln_h, ln_a = csa.norm_h(h[i]), csa.norm_a(a)
+        g = torch.sigmoid(csa.gate_out(F.gelu(csa.gate_in(torch.cat([ln_h, ln_a, ln_h * ln_a])))))
+        out.append(h[i] + g * a)
+    return torch.stack(out)
+
+
+def test_matches_the_formula():
+    csa = trained_like(seed=1)
+    with torch.no_grad():
+        h = torch.randn(7, D)
+        groups = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+        out = csa(h, groups, torch.ones(7, dtype=torch.bool))
+        torch.testing.assert_close(out[:3], reference(csa, h[:3]))
+        torch.testing.assert_close(out[3:], reference(csa, h[3:]))
+
+
+def test_gate_starts_nearly_closed():
+    csa = CrossSequenceAttention(CSAConfig(hidden_size=D, num_heads=4))
+    assert torch.all(csa.gate_out.bias == -3.0)
+    assert torch.all(csa.o_proj.weight == 0)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    csa = trained_like(adapter_rank=4, vocab_size=50, base_model="m", base_fingerprint="abc")
+    torch.nn.init.normal_(csa.adapter_up.weight)
+    csa.save(tmp_path)
+    loaded = CrossSequenceAttention.load(tmp_path, "m", "abc", hidden_size=D)
+    h = torch.randn(4, D)
+    groups, active = torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(h, groups, active), csa(h, groups, active))
+        torch.testing.assert_close(loaded.head_delta(h), csa.head_delta(h))
+    assert loaded.config == csa.config
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+    trained_like(base_model="model-a", base_fingerprint="aaaa").save(tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="hidden size 32"):
+        CrossSequenceAttention.load(tmp_path, "model-a", "aaaa", hidden_size=64)
+    with pytest.raises(CheckpointMismatchError, match="model-a"):
+        CrossSequenceAttention.load(tmp_path, "model-b", "bbbb", hidden_size=D)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no CSA checkpoint"):
+        CrossSequenceAttention.load(tmp_path / "nowhere")

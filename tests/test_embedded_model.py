@@ -1,0 +1,47 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: load, group, answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.squad import load_selection
+from model.engine import GroupedEngine, Member
+from model.loading import EMBEDDED_MODEL_NAME, load_model
+from model.prompts import encode_chat, question_messages
+from model.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model(device="cpu")
+
+
+def answers(engine: GroupedEngine, groups: list[list[Member]]) -> dict:
+    texts, usages = {}, {}
+    for event in engine.generate(groups):
+        texts[event.member.tag] = texts.get(event.member.tag, "") + event.text
+        if event.usage:
+            usages[event.member.tag] = event.usage
+    return {"texts": texts, "usages": usages}
+
+
+def test_a_group_answers_exactly_as_its_questions_alone(embedded):
+    assert embedded.name == EMBEDDED_MODEL_NAME
+    engine = GroupedEngine(embedded.model, embedded.tokenizer)
+    context = load_selection(1)[0]
+    params = SamplingParams(max_tokens=24)
+    members = [
+        Member(encode_chat(embedded.tokenizer, question_messages(context["context"], question)),
+               params, tag=index)
+        for index, question in enumerate(q["question"] for q in context["questions"][:3])
+    ]
+    grouped = answers(engine, [members])
+    alone = answers(engine, [[Member(m.prompt_ids, params, tag=m.tag)] for m in members])
+    assert grouped["texts"] == alone["texts"]
+    assert all(text.strip() for text in grouped["texts"].values())
+    billed = sum(u.prompt_tokens for u in grouped["usages"].values())
+    computed = sum(u.computed_prompt_tokens for u in grouped["usages"].values())
+    assert computed < 0.5 * billed
+    assert billed == sum(u.prompt_tokens for u in alone["usages"].values())

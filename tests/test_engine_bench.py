@@ -1,0 +1,25 @@
+"""The in-process bench on the tiny model: groups, accounting, table and JSON."""
+
+from __future__ import annotations
+
+import json
+
+from bench.engine_bench import main
+
+
+def test_bench_reports_consistent_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = main(["--model", "tiny-random", "--contexts", "2", "--group-sizes", "1,2,5",
+                   "--csa", "untrained", "--max-tokens", "4", "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    rows = {row["group_size"]: row for row in report["results"]}
+    assert [rows[g]["num_groups"] for g in (1, 2, 5)] == [10, 6, 2]
+    assert all(row["num_questions"] == 10 for row in rows.values())
+    assert len({row["prompt_tokens_billed"] for row in rows.values()}) == 1
+    assert rows[5]["prompt_tokens_computed"] < rows[2]["prompt_tokens_computed"]
+    assert rows[2]["prompt_tokens_computed"] < rows[1]["prompt_tokens_computed"]
+    assert rows[1]["prompt_tokens_computed"] == rows[1]["prompt_tokens_billed"]
+    # the untrained CSA is the identity: grouping changes the cost, never the answers
+    assert rows[1]["answers"] == rows[2]["answers"] == rows[5]["answers"]
+    table = capsys.readouterr().out
+    assert "| G |" in table and f"{rows[5]['prompt_tokens_computed']:,}" in table
