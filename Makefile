@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench test-deps
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ serve: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# nginx and docker-compose for the deployment tests (apt-get, only when missing)
+test-deps:
+	sh deploy/install-test-deps.sh
+
+test: lint test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(INSTALLED)
