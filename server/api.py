@@ -1,0 +1,87 @@
+"""Routes. Thin: parse, then hand over to server/chat.py or server/grouped.py. Every /v1 route
+checks the API key (if one is set) and refuses new work while the server starts or drains."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from server.chat import create_chat_completion
+from server.errors import APIError
+from server.grouped import create_grouped_completion
+from server.metrics import CONTENT_TYPE
+from server.schemas import ChatCompletionRequest, GroupedCompletionRequest
+from server.services import Services
+
+
+async def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def require_api_key(request: Request, services: ServicesDep) -> None:
+    expected = services.settings.api_key
+    if not expected:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'")
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise APIError(401, "incorrect API key")
+
+
+async def require_serving(services: ServicesDep) -> None:
+    if services.is_draining:
+        raise APIError(503, "the server is shutting down; retry on another replica",
+                       code="draining")
+    if not services.is_ready:
+        raise APIError(503, "the server is starting; retry shortly", code="starting")
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+serving = [Depends(require_serving)]
+plain = APIRouter()
+
+
+@v1.get("/models")
+async def list_models(services: ServicesDep) -> dict:
+    return {"object": "list", "data": [_model_card(services)]}
+
+
+@v1.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, services: ServicesDep) -> dict:
+    services.check_model(model_id)
+    return _model_card(services)
+
+
+@v1.post("/chat/completions", dependencies=serving)
+async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep):
+    return await create_chat_completion(body, request, services)
+
+
+@v1.post("/grouped_completions", dependencies=serving)
+async def grouped_completions(
+    body: GroupedCompletionRequest, request: Request, services: ServicesDep
+):
+    return await create_grouped_completion(body, request, services)
+
+
+@plain.get("/health")
+async def health(services: ServicesDep) -> JSONResponse:
+    body = {"status": services.status, "model": services.model_name}
+    return JSONResponse(body, status_code=200 if services.is_ready else 503)
+
+
+@plain.get("/metrics")
+async def metrics(services: ServicesDep) -> Response:
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _model_card(services: Services) -> dict:
+    return {"id": services.model_name, "object": "model", "created": services.created,
+            "owned_by": "groupwise", "max_model_len": services.loaded.max_context}

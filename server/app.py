@@ -1,0 +1,68 @@
+"""The FastAPI app: `create_app(settings, loaded_model=None)`.
+
+The model, engine and metrics are built when the app is created (a load failure stops start-up
+before the port opens); the scheduler and its worker thread need the running event loop, so the
+lifespan starts them and, at shutdown, stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from model.loading import LoadedModel
+from server.api import plain, v1
+from server.config import Settings
+from server.errors import install_error_handlers
+from server.middleware import ServingMiddleware
+from server.scheduler import GroupingPolicy, Scheduler
+from server.services import Services, build_services
+from server.worker import EngineWorker
+
+
+def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> FastAPI:
+    services = build_services(settings, loaded_model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services.scheduler = build_scheduler(services)
+        services.scheduler.start()
+        try:
+            yield
+        finally:
+            await services.scheduler.stop()
+
+    app = FastAPI(title="groupwise", version="0.1.0", lifespan=lifespan)
+    app.state.services = services
+    app.include_router(v1)
+    app.include_router(plain)
+    install_error_handlers(app)
+    app.add_middleware(ServingMiddleware, metrics=services.metrics,
+                       replica_name=settings.replica_name)
+    return app
+
+
+def build_scheduler(services: Services) -> Scheduler:
+    settings = services.settings
+    policy = GroupingPolicy(
+        max_group_size=settings.max_group_size,
+        max_wait_s=settings.max_wait_s,
+        max_batch_groups=settings.max_batch_groups,
+        min_prefix_tokens=settings.min_prefix_tokens,
+    )
+    worker = EngineWorker(services.engine, services.metrics, asyncio.get_running_loop())
+    return Scheduler(policy, worker, services.metrics, settings.max_queue)
+
+
+def begin_drain(app: FastAPI) -> None:
+    """New requests get 503 and /health turns 503; queued and running ones finish."""
+    app.state.services.is_draining = True
+
+
+def is_drained(app: FastAPI) -> bool:
+    services: Services = app.state.services
+    return services.is_draining and (
+        services.scheduler is None or services.scheduler.num_in_flight == 0
+    )

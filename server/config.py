@@ -1,0 +1,148 @@
+"""Server settings, read once at start-up: CLI flag, else environment variable, else default.
+
+Every setting has one row in OPTIONS (flag, environment variable, parser, help). `Settings` is
+frozen and validated on construction, so the rest of the server never re-reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CSA_OFF = ("off", "none")  # values of --csa that disable CSA
+CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None  # None: the embedded model
+    csa: str = CSA_AUTO  # "auto", "off" or a checkpoint directory
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    max_group_size: int = 8
+    max_wait_ms: float = 20.0  # how long an open group waits for more members
+    max_batch_groups: int = 8  # groups run together in one engine batch
+    max_queue: int = 256  # questions waiting to run; beyond it requests get 429
+    min_prefix_tokens: int = 64  # prompts sharing this many leading tokens group; 0: off
+    api_key: str | None = None
+    replica_name: str = field(default_factory=socket.gethostname)
+
+    def __post_init__(self):
+        _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
+        _require(self.device in DEVICES or self.device.startswith("cuda:"),
+                 f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _require(self.dtype in DTYPES,
+                 f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.threads is None or self.threads >= 1,
+                 f"threads must be >= 1, got {self.threads}")
+        for name in ("max_group_size", "max_batch_groups", "max_queue"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        _require(self.min_prefix_tokens >= 0,
+                 f"min_prefix_tokens must be >= 0, got {self.min_prefix_tokens}")
+        _require(bool(self.csa), "csa must be 'auto', 'off' or a checkpoint directory")
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @property
+    def is_csa_off(self) -> bool:
+        return self.csa.lower() in CSA_OFF
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Flags in `argv` win over variables in `environ`, which win over the defaults."""
+        environ = os.environ if environ is None else environ
+        given = vars(build_parser().parse_args(argv))
+        values = {}
+        for option in OPTIONS:
+            raw, source = given.get(option.field), option.flag
+            if raw is None and option.env in environ:
+                raw, source = environ[option.env], option.env
+            if raw is None:
+                continue
+            try:
+                values[option.field] = option.parse(raw)
+            except ValueError:
+                raise SettingsError(f"{source}: cannot read {raw!r} as {option.kind}") from None
+        return cls(**values)
+
+    def describe(self) -> dict:
+        """The settings as logged at start-up (the API key hidden)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["api_key"] = "set" if self.api_key else None
+        return shown
+
+
+class Option(NamedTuple):
+    field: str
+    flag: str
+    env: str
+    parse: Callable[[str], object]
+    kind: str
+    help: str
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw or None
+
+
+OPTIONS = (
+    Option("host", "--host", "GROUPWISE_HOST", str, "a host", "address to bind"),
+    Option("port", "--port", "GROUPWISE_PORT", int, "an integer", "port to bind"),
+    Option("model", "--model", "GROUPWISE_MODEL", _optional_text, "a model",
+           "embedded (default), tiny-random, a .gguf path, a HF id or a local directory"),
+    Option("csa", "--csa", "GROUPWISE_CSA", str, "a path",
+           "CSA checkpoint directory, 'off', or 'auto' (the shipped checkpoint, if any)"),
+    Option("device", "--device", "GROUPWISE_DEVICE", str, "a device", "auto, cpu or cuda"),
+    Option("dtype", "--dtype", "GROUPWISE_DTYPE", str, "a dtype",
+           "auto, float32, bfloat16 or float16"),
+    Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads"),
+    Option("max_group_size", "--max-group-size", "GROUPWISE_MAX_GROUP_SIZE", int, "an integer",
+           "most questions in one group"),
+    Option("max_wait_ms", "--max-wait-ms", "GROUPWISE_MAX_WAIT_MS", float, "a number",
+           "how long an open group waits for more members (ms)"),
+    Option("max_batch_groups", "--max-batch-groups", "GROUPWISE_MAX_BATCH_GROUPS", int,
+           "an integer", "most groups run together in one engine batch"),
+    Option("max_queue", "--max-queue", "GROUPWISE_MAX_QUEUE", int, "an integer",
+           "most questions waiting; beyond it requests get 429"),
+    Option("min_prefix_tokens", "--min-prefix-tokens", "GROUPWISE_MIN_PREFIX_TOKENS", int,
+           "an integer", "prompts sharing this many leading tokens are grouped (0: off)"),
+    Option("api_key", "--api-key", "GROUPWISE_API_KEY", _optional_text, "a key",
+           "if set, every /v1 route needs 'Authorization: Bearer KEY'"),
+    Option("replica_name", "--replica-name", "GROUPWISE_REPLICA_NAME", str, "a name",
+           "sent in the X-Groupwise-Replica header (default: the host name)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="groupwise: a grouped-question, OpenAI-compatible LLM server",
+    )
+    for option in OPTIONS:
+        # default None: "not given", so the environment variable can fill it in
+        parser.add_argument(option.flag, dest=option.field, default=None,
+                            help=f"{option.help} [env {option.env}]")
+    return parser
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SettingsError(message)

@@ -1,0 +1,167 @@
+"""POST /v1/grouped_completions: one context, many questions, answered as one group.
+
+Each question's prompt is the answer-in-tags system prompt (or the caller's) + the passage +
+the question, so the questions share the system prompt and passage as a token prefix that the
+engine computes once. A request's questions form their own group(s), split at max_group_size.
+
+Streaming (`"stream": true`) sends SSE events of object `grouped_completion.chunk`, each with
+an `answers` list holding one entry `{"index", "id", "delta", "finish_reason"}`; a question's
+last entry also carries its `text`, `answer` and `usage`. A final chunk with `"answers": []`
+carries the request's `usage`, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from model.engine import EngineInputError, Member
+from model.prompts import encode_chat, extract_answer, question_messages
+from model.sampling import SamplingParams
+from server.errors import ClientDisconnected, error_body
+from server.schemas import GroupedCompletionRequest
+from server.services import Services
+from server.streaming import (
+    SSE_DONE,
+    SSE_HEADERS,
+    DisconnectWatcher,
+    engine_error,
+    next_item,
+    release,
+    sse_event,
+)
+from server.usage import usage_body
+from server.worker import EngineFailure, ServerRequest
+
+
+class GroupedReply:
+    """Accumulates the answers of one grouped request and builds its response objects."""
+
+    def __init__(self, model_name: str, body: GroupedCompletionRequest,
+                 requests: list[ServerRequest]):
+        self.id = f"grpcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model_name
+        self.body = body
+        self.requests = requests
+        self.texts = [""] * len(requests)
+
+    @property
+    def is_done(self) -> bool:
+        return all(r.is_finished for r in self.requests)
+
+    def add(self, event) -> dict:
+        """Appends an event's text; returns the question's answer entry for a stream chunk."""
+        request: ServerRequest = event.member.tag
+        self.texts[request.index] += event.text
+        entry = {"index": request.index, "id": self.body.question_id(request.index),
+                 "delta": event.text, "finish_reason": event.finish_reason}
+        if event.finish_reason is not None:
+            entry.update(self._answer(request))
+        return entry
+
+    def _answer(self, request: ServerRequest) -> dict:
+        text = self.texts[request.index]
+        return {"index": request.index, "id": self.body.question_id(request.index),
+                "text": text, "answer": extract_answer(text),
+                "finish_reason": request.finish_reason, "usage": usage_body([request.usage])}
+
+    def _base(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def completion(self) -> dict:
+        return {**self._base("grouped_completion"),
+                "answers": [self._answer(r) for r in self.requests],
+                "usage": usage_body(r.usage for r in self.requests),
+                "timings": self._timings()}
+
+    def chunk(self, entry: dict | None) -> dict:
+        return {**self._base("grouped_completion.chunk"), "answers": [entry] if entry else []}
+
+    def usage_chunk(self) -> dict:
+        return {**self.chunk(None), "usage": usage_body(r.usage for r in self.requests),
+                "timings": self._timings()}
+
+    def _timings(self) -> dict:
+        arrived = min(r.arrived_at for r in self.requests)
+        started = [r.scheduled_at for r in self.requests if r.scheduled_at is not None]
+        finished = max(r.finished_at or arrived for r in self.requests)
+        return {"queue_seconds": round(max(started, default=arrived) - arrived, 6),
+                "total_seconds": round(finished - arrived, 6)}
+
+
+async def create_grouped_completion(
+    body: GroupedCompletionRequest, http_request: Request, services: Services
+):
+    services.check_model(body.model)
+    requests = _enqueue(body, services)
+    events = requests[0].events
+    watcher = DisconnectWatcher(http_request.receive)
+    reply = GroupedReply(services.model_name, body, requests)
+    scheduler = services.scheduler
+    try:
+        first = await next_item(events, watcher)
+        if isinstance(first, EngineFailure):
+            raise engine_error(first)
+        if not body.stream:
+            return JSONResponse(await _collect(first, events, watcher, reply))
+    except BaseException:
+        release(scheduler, requests, watcher)
+        raise
+    stream = _stream(first, events, watcher, reply, scheduler)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _enqueue(body: GroupedCompletionRequest, services: Services) -> list[ServerRequest]:
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+                            top_p=body.top_p, seed=body.seed, stop=tuple(body.stop))
+    events: asyncio.Queue = asyncio.Queue()  # one queue: the events of all questions, in order
+    requests = []
+    for index, question in enumerate(body.questions):
+        messages = question_messages(body.context, question.question, body.system_prompt)
+        member = Member(encode_chat(services.loaded.tokenizer, messages), params)
+        try:
+            services.engine.check_member(member)
+        except EngineInputError as exc:
+            param = "context" if exc.param == "messages" else exc.param
+            raise EngineInputError(f"questions[{index}]: {exc}", param) from None
+        requests.append(ServerRequest(member, events, index=index))
+    services.scheduler.submit_group(requests)
+    return requests
+
+
+async def _collect(item, events: asyncio.Queue, watcher, reply: GroupedReply) -> dict:
+    while True:
+        if isinstance(item, EngineFailure):
+            raise engine_error(item)
+        reply.add(item)
+        if reply.is_done:
+            watcher.close()
+            return reply.completion()
+        item = await next_item(events, watcher)
+
+
+async def _stream(item, events: asyncio.Queue, watcher, reply: GroupedReply,
+                  scheduler) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            if isinstance(item, EngineFailure):  # headers are sent: report it in the stream
+                yield sse_event(error_body(500, item.message, code="engine_error"))
+                return
+            entry = reply.add(item)
+            if entry["delta"] or entry["finish_reason"] is not None:
+                yield sse_event(reply.chunk(entry))
+            if reply.is_done:
+                yield sse_event(reply.usage_chunk())
+                yield SSE_DONE
+                return
+            item = await next_item(events, watcher)
+    except ClientDisconnected:
+        return
+    finally:
+        release(scheduler, reply.requests, watcher)

@@ -1,0 +1,95 @@
+"""Prometheus metrics, named after vLLM's (`vllm:` -> `groupwise:`) so dashboards translate.
+
+Each app owns its registry, so several apps can live in one process (the tests build many).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+GROUP_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
+GROUP_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.e2e_latency = Histogram(
+            "groupwise:e2e_request_latency_seconds", "Arrival to last token, per question.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "groupwise:time_to_first_token_seconds", "Arrival to first token, per question.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            "groupwise:request_queue_time_seconds", "Arrival to the start of its batch.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "groupwise:time_per_output_token_seconds", "Mean time between tokens after the first.",
+            buckets=TOKEN_TIME_BUCKETS, registry=r)
+        self.group_size = Histogram(
+            "groupwise:group_size", "Questions in a group when it starts running.",
+            buckets=GROUP_SIZE_BUCKETS, registry=r)
+        self.group_wait = Histogram(
+            "groupwise:group_wait_seconds", "First member's arrival to the group's start.",
+            buckets=GROUP_WAIT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "groupwise:prompt_tokens", "Prompt tokens billed (each prompt in full).", registry=r)
+        self.prompt_tokens_computed = Counter(
+            "groupwise:prompt_tokens_computed",
+            "Prompt tokens really computed (shared prefixes once per group).", registry=r)
+        self.generation_tokens = Counter(
+            "groupwise:generation_tokens", "Generated tokens.", registry=r)
+        self.request_success = Counter(
+            "groupwise:request_success", "Finished questions by finish reason.",
+            ["finish_reason"], registry=r)
+        self.requests = Counter(
+            "groupwise:requests", "HTTP requests by route and status code.",
+            ["route", "status"], registry=r)
+        self.num_requests_waiting = Gauge(
+            "groupwise:num_requests_waiting", "Questions waiting in the queue.", registry=r)
+        self.num_requests_running = Gauge(
+            "groupwise:num_requests_running", "Questions in the batch on the engine.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def set_queue_sizes(self, num_waiting: int, num_running: int) -> None:
+        self.num_requests_waiting.set(num_waiting)
+        self.num_requests_running.set(num_running)
+
+    def observe_group(self, group: list, started_at: float) -> None:
+        self.group_size.observe(len(group))
+        self.group_wait.observe(started_at - min(r.arrived_at for r in group))
+        for request in group:
+            self.queue_time.observe(started_at - request.arrived_at)
+
+    def observe_first_token(self, request) -> None:
+        self.time_to_first_token.observe(request.first_token_at - request.arrived_at)
+
+    def observe_finished(self, request) -> None:
+        self.request_success.labels(finish_reason=request.finish_reason).inc()
+        usage = request.usage
+        if request.scheduled_at is None or usage is None:  # never ran: nothing was computed
+            return
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.prompt_tokens_computed.inc(usage.computed_prompt_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
+        if request.finish_reason in ("stop", "length"):
+            self.e2e_latency.observe(request.finished_at - request.arrived_at)
+            if usage.completion_tokens > 1 and request.first_token_at is not None:
+                decode_time = request.finished_at - request.first_token_at
+                self.time_per_output_token.observe(decode_time / (usage.completion_tokens - 1))
+
+    def count_http(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()

@@ -1,0 +1,147 @@
+"""Request bodies: OpenAI chat completions and the grouped-completion API.
+
+Responses are plain dicts built in server/chat.py and server/grouped.py. Unions such as
+"a string or a list of text parts" are normalised by `before` validators, so a validation error
+names a plain field path (`messages[0].content`), never a union branch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_TEXT_CHARS = 2_000_000
+MAX_QUESTIONS = 256
+MAX_ID_CHARS = 256
+
+
+def _stop_list(value):
+    """`stop` may be a string, a list of strings or null; always a list afterwards."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. "name": accepted, not used
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def join_text_parts(cls, value):
+        """OpenAI's list-of-parts form: only text parts can be served."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise ValueError("only text content parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    def as_template_message(self) -> dict:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.content or ""}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
+
+    model: str | None = Field(None, max_length=MAX_ID_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    logprobs: bool | None = None
+    tools: list | None = None
+    group_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+
+    _normalise_stop = field_validator("stop", mode="before")(_stop_list)
+
+    @field_validator("n")
+    @classmethod
+    def only_one_choice(cls, value):
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs(cls, value):
+        if value:
+            raise ValueError("logprobs are not supported")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def no_tools(cls, value):
+        if value:
+            raise ValueError("tools are not supported")
+        return value
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def includes_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class GroupedQuestion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+
+
+class GroupedCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # our own API: a misspelt field is an error
+
+    model: str | None = Field(None, max_length=MAX_ID_CHARS)
+    context: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    questions: list[GroupedQuestion] = Field(min_length=1, max_length=MAX_QUESTIONS)
+    system_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    max_tokens: int = Field(96, ge=1)  # the research protocol's budget
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stream: bool = False
+
+    _normalise_stop = field_validator("stop", mode="before")(_stop_list)
+
+    @field_validator("questions", mode="before")
+    @classmethod
+    def wrap_plain_questions(cls, value):
+        if isinstance(value, list):
+            return [{"question": q} if isinstance(q, str) else q for q in value]
+        return value
+
+    @field_validator("questions")
+    @classmethod
+    def unique_ids(cls, value):
+        ids = [q.id for q in value if q.id is not None]
+        if len(ids) != len(set(ids)):
+            raise ValueError("question ids must be unique")
+        return value
+
+    def question_id(self, index: int) -> str:
+        """The caller's id, or the question's index as a string."""
+        given = self.questions[index].id
+        return given if given is not None else str(index)
