@@ -50,10 +50,13 @@ class GroupedReply:
         self.body = body
         self.requests = requests
         self.texts = [""] * len(requests)
+        # final events read so far; not `request.is_finished`, which turns true when the final
+        # event is queued, possibly before the events ahead of it were read
+        self.num_answered = 0
 
     @property
     def is_done(self) -> bool:
-        return all(r.is_finished for r in self.requests)
+        return self.num_answered == len(self.requests)
 
     def add(self, event) -> dict:
         """Appends an event's text; returns the question's answer entry for a stream chunk."""
@@ -62,6 +65,7 @@ class GroupedReply:
         entry = {"index": request.index, "id": self.body.question_id(request.index),
                  "delta": event.text, "finish_reason": event.finish_reason}
         if event.finish_reason is not None:
+            self.num_answered += 1
             entry.update(self._answer(request))
         return entry
 

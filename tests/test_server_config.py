@@ -1,0 +1,100 @@
+"""Settings: flag over environment over default, validation, and the CSA start-up checks."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from model.csa import CheckpointMismatchError, CrossSequenceAttention, CSAConfig
+from model.loading import weights_fingerprint
+from server.__main__ import main
+from server.app import create_app
+from server.config import OPTIONS, Settings, SettingsError
+from server.services import csa_path
+
+
+def test_defaults():
+    settings = Settings.from_sources([], environ={})
+    assert (settings.host, settings.port, settings.model) == ("127.0.0.1", 8000, None)
+    assert settings.max_group_size == 8 and settings.max_wait_ms == 20.0
+    assert settings.csa == "auto" and settings.api_key is None
+    assert settings.replica_name == socket.gethostname()
+
+
+def test_environment_is_read_and_flags_win():
+    environ = {"GROUPWISE_PORT": "9001", "GROUPWISE_MAX_WAIT_MS": "7.5",
+               "GROUPWISE_MODEL": "tiny-random", "GROUPWISE_API_KEY": "k",
+               "GROUPWISE_REPLICA_NAME": "r2", "GROUPWISE_MIN_PREFIX_TOKENS": "12"}
+    settings = Settings.from_sources(["--port", "9002"], environ=environ)
+    assert settings.port == 9002  # the flag
+    assert settings.max_wait_ms == 7.5 and settings.model == "tiny-random"
+    assert settings.api_key == "k" and settings.replica_name == "r2"
+    assert settings.min_prefix_tokens == 12
+
+
+def test_every_setting_has_a_flag_and_an_environment_variable():
+    fields = {option.field for option in OPTIONS}
+    assert fields == set(Settings.__dataclass_fields__)
+    assert all(option.env == "GROUPWISE_" + option.field.upper() for option in OPTIONS)
+    assert all(option.flag == "--" + option.field.replace("_", "-") for option in OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        ([], {"GROUPWISE_PORT": "eighty"}, "GROUPWISE_PORT: cannot read 'eighty'"),
+        (["--max-group-size", "0"], {}, "max_group_size must be >= 1"),
+        (["--dtype", "int3"], {}, "dtype must be one of"),
+        (["--max-wait-ms", "-1"], {}, "max_wait_ms must be >= 0"),
+        ([], {"GROUPWISE_THREADS": "0"}, "threads must be >= 1"),
+    ],
+)
+def test_bad_values_are_refused_with_their_source(argv, environ, expected):
+    with pytest.raises(SettingsError, match=expected):
+        Settings.from_sources(argv, environ=environ)
+
+
+def test_api_key_is_not_logged():
+    assert Settings(api_key="secret").describe()["api_key"] == "set"
+
+
+def test_main_exits_2_on_a_bad_setting(capsys):
+    assert main(["--port", "x"]) == 2
+    assert "--port: cannot read 'x'" in capsys.readouterr().err
+
+
+def test_csa_path_resolution(tmp_path):
+    assert csa_path(Settings(csa="off"), "SmolLM2-135M-Instruct") is None
+    assert csa_path(Settings(csa="auto"), "tiny-random") is None  # nothing shipped for it
+    assert csa_path(Settings(csa=str(tmp_path)), "tiny-random") == tmp_path
+
+
+def save_checkpoint(directory, hidden_size: int, fingerprint: str) -> None:
+    config = CSAConfig(hidden_size=hidden_size, num_heads=4, base_model="some-model",
+                       base_fingerprint=fingerprint)
+    CrossSequenceAttention(config).save(directory)
+
+
+def test_checkpoint_of_another_model_stops_start_up(tiny_model, tmp_path, capsys):
+    save_checkpoint(tmp_path, tiny_model.model.config.hidden_size, "0" * 64)
+    settings = Settings(model="tiny-random", csa=str(tmp_path))
+    with pytest.raises(CheckpointMismatchError, match="trained on some-model"):
+        create_app(settings, loaded_model=tiny_model)
+    assert main(["--model", "tiny-random", "--csa", str(tmp_path), "--port", "0"]) == 1
+    assert "cannot start: CSA checkpoint" in capsys.readouterr().err
+
+
+def test_matching_checkpoint_is_loaded(tiny_model, tmp_path):
+    fingerprint = weights_fingerprint(tiny_model.model)
+    save_checkpoint(tmp_path, tiny_model.model.config.hidden_size, fingerprint)
+    app = create_app(Settings(model="tiny-random", csa=str(tmp_path)), loaded_model=tiny_model)
+    assert app.state.services.engine.csa is not None
+    off = create_app(Settings(model="tiny-random", csa="off"), loaded_model=tiny_model)
+    assert off.state.services.engine.csa is None
+
+
+def test_missing_checkpoint_directory_stops_start_up(tmp_path, capsys):
+    missing = tmp_path / "nothing-here"
+    assert main(["--model", "tiny-random", "--csa", str(missing)]) == 1
+    assert "no CSA checkpoint" in capsys.readouterr().err
