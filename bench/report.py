@@ -113,7 +113,7 @@ def _fraction(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _seconds(value) -> str:
+def _two_places(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -142,14 +142,14 @@ QUALITY_ROWS = [
     ("Generated tokens per question", "generated_per_question", _tokens),
 ]
 TIME_ROWS = [
-    ("Latency per group, mean (s)", "latency_mean_s", _seconds),
-    ("Latency per group, p50 (s)", "latency_p50_s", _seconds),
-    ("Latency per group, p99 (s)", "latency_p99_s", _seconds),
-    ("Time to first token, mean (s)", "ttft_mean_s", _seconds),
-    ("Time to first token, p50 (s)", "ttft_p50_s", _seconds),
-    ("Time to first token, p99 (s)", "ttft_p99_s", _seconds),
-    ("Wall time (s)", "wall_s", _seconds),
-    ("Questions/s", "questions_per_s", _fraction),
+    ("Latency per group, mean (s)", "latency_mean_s", _two_places),
+    ("Latency per group, p50 (s)", "latency_p50_s", _two_places),
+    ("Latency per group, p99 (s)", "latency_p99_s", _two_places),
+    ("Time to first token, mean (s)", "ttft_mean_s", _two_places),
+    ("Time to first token, p50 (s)", "ttft_p50_s", _two_places),
+    ("Time to first token, p99 (s)", "ttft_p99_s", _two_places),
+    ("Wall time (s)", "wall_s", _two_places),
+    ("Questions/s", "questions_per_s", _two_places),
 ]
 
 

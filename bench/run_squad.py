@@ -133,9 +133,7 @@ async def run_bench(
     async with httpx.AsyncClient(base_url=_base_url(args.url), headers=headers, limits=limits,
                                  timeout=httpx.Timeout(args.timeout, connect=10.0),
                                  transport=transport) as client:
-        model = args.model
-        if model is None and args.mode == "chat":
-            model = await fetch_model_id(client)
+        model = args.model or await fetch_model_id(client)
         settings = RequestSettings(model, args.max_tokens, send_hints=not args.no_hints)
         bench = Bench(client, settings, RequestSlots(args.concurrency), args.mode,
                       run_id=f"squad-{uuid.uuid4().hex[:8]}")
