@@ -12,13 +12,27 @@ from dataclasses import dataclass
 import pytest
 import uvicorn
 
+from model.engine import GroupedEngine, Member
 from model.loading import LoadedModel, load_model
+from model.prompts import encode_chat
+from model.sampling import SamplingParams
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> LoadedModel:
     """The tiny random Llama + byte tokenizer (milliseconds to build, read-only in tests)."""
     return load_model("tiny-random", device="cpu")
+
+
+def engine_answer(loaded: LoadedModel, messages: list[dict], max_tokens: int,
+                  **params) -> tuple[str, str, int]:
+    """(text, finish_reason, prompt length) of one chat prompt decoded by the engine alone:
+    the reference a served answer is compared with."""
+    engine = GroupedEngine(loaded.model, loaded.tokenizer)
+    prompt = encode_chat(loaded.tokenizer, messages)
+    member = Member(prompt, SamplingParams(max_tokens=max_tokens, **params))
+    events = list(engine.generate([[member]]))
+    return "".join(e.text for e in events), events[-1].finish_reason, len(prompt)
 
 
 @dataclass

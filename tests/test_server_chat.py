@@ -9,20 +9,9 @@ import httpx
 import openai
 import pytest
 
-from model.engine import GroupedEngine, Member
-from model.prompts import encode_chat
-from model.sampling import SamplingParams
+from tests.conftest import engine_answer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-
-
-def engine_answer(tiny_model, messages, max_tokens: int, **params) -> tuple[str, str, int]:
-    """(text, finish_reason, prompt length) from the engine alone, no server involved."""
-    engine = GroupedEngine(tiny_model.model, tiny_model.tokenizer)
-    prompt = encode_chat(tiny_model.tokenizer, messages)
-    member = Member(prompt, SamplingParams(max_tokens=max_tokens, **params))
-    events = list(engine.generate([[member]]))
-    return "".join(e.text for e in events), events[-1].finish_reason, len(prompt)
 
 
 @pytest.fixture
