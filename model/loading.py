@@ -107,7 +107,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, or files that are not a model
         raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
     return LoadedModel(_prepare(model, torch_device), _prepare_tokenizer(tokenizer), name)
 
