@@ -57,8 +57,12 @@ def build_scheduler(services: Services) -> Scheduler:
 
 
 def begin_drain(app: FastAPI) -> None:
-    """New requests get 503 and /health turns 503; queued and running ones finish."""
-    app.state.services.is_draining = True
+    """New requests get 503 and /health turns 503; queued and running ones finish, open
+    groups without waiting for more members. Safe to call from a signal handler or thread."""
+    services: Services = app.state.services
+    services.is_draining = True
+    if services.scheduler is not None:
+        services.scheduler.drain_soon()
 
 
 def is_drained(app: FastAPI) -> bool:

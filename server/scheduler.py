@@ -110,6 +110,12 @@ class GroupQueue:
         self._groups, self._open, self.num_waiting = [], {}, 0
         return items
 
+    def close_open_groups(self) -> None:
+        """No one can join any more (the server drains): every waiting group is ready now."""
+        for group in self._groups:
+            group.key = None
+        self._open.clear()
+
     def next_ready_at(self) -> float | None:
         """When the oldest open group's wait ends (None if nothing waits)."""
         if not self._groups:
@@ -133,6 +139,7 @@ class Scheduler:
         self._running: list = []  # requests of the batch on the worker now
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def is_running(self) -> bool:
@@ -143,7 +150,17 @@ class Scheduler:
         return self.queue.num_waiting + len(self._running)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="groupwise-scheduler")
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name="groupwise-scheduler")
+
+    def drain_soon(self) -> None:
+        """Thread- and signal-safe: open groups stop waiting for members that cannot come."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.queue.close_open_groups()
+        self._wakeup.set()
 
     async def stop(self) -> None:
         """Aborts whatever is queued or running and waits for the worker thread to end."""
@@ -186,7 +203,7 @@ class Scheduler:
         self._update_gauges()
         self._wakeup.set()
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         while True:
             now = time.monotonic()
             groups = self.queue.take_batch(now)

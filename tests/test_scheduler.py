@@ -256,3 +256,28 @@ def test_ready_groups_wait_while_a_batch_runs_then_run_together():
         await scheduler.stop()
 
     asyncio.run(scenario())
+
+
+def test_closing_open_groups_makes_them_ready_and_stops_joining():
+    queue = make_queue(max_wait_s=60.0)
+    queue.add("a", "k", now=0.0)
+    queue.close_open_groups()
+    queue.add("b", "k", now=0.0)  # a new group: the closed one takes no one
+    assert queue.take_batch(now=0.0) == [["a"]]
+    assert queue.take_batch(now=1.0) == []
+
+
+def test_drain_runs_waiting_groups_at_once():
+    async def scenario():
+        worker = FakeWorker()
+        scheduler, _ = make_scheduler(worker, max_wait_s=60.0)
+        scheduler.start()
+        waiting = request(1)
+        scheduler.submit(waiting, hint="g")
+        await asyncio.sleep(0.02)
+        assert worker.batches == []
+        scheduler.drain_soon()
+        await wait_until(lambda: worker.batches == [[[waiting]]])
+        await scheduler.stop()
+
+    asyncio.run(scenario())
