@@ -68,7 +68,8 @@ def validation_message(error: dict) -> tuple[str, str | None]:
         detail = (error.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON: {detail}".rstrip(": "), None
     if param is None:
-        return "the request body is missing or is not a JSON object", None
+        return ("the request body must be a JSON object, sent with "
+                "Content-Type: application/json"), None
     message = str(error.get("msg", "is invalid"))
     message = message.removeprefix("Value error, ")
     return f"{param}: {message}", param
