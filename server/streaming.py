@@ -35,7 +35,12 @@ async def next_item(events: asyncio.Queue, watcher: DisconnectWatcher):
     if not events.empty():
         return events.get_nowait()
     getter = asyncio.ensure_future(events.get())
-    done, _ = await asyncio.wait({getter, watcher.task}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({getter, watcher.task},
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # e.g. the server cancels a stream whose client left
+        getter.cancel()
+        raise
     if getter in done:
         return getter.result()
     getter.cancel()
