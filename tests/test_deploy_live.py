@@ -6,6 +6,7 @@ the metric names the Prometheus rules and the Grafana dashboard use, checked aga
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -25,7 +26,10 @@ from tests.test_deploy_config import DASHBOARD, DEPLOY, ROOT, require_tool
 
 NGINX_DIR = DEPLOY / "nginx"
 REPLICA_NAMES = ("replica-a", "replica-b")
-NUM_GROUPS = 16
+NUM_GROUPS = 12
+# A group of GROUP_SIZE is ready at once; a partial one waits MAX_WAIT_MS for more members,
+# long enough for concurrent questions to meet even on a busy machine.
+GROUP_SIZE, MAX_WAIT_MS = 4, 100
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time, not by the server
 
 
@@ -94,7 +98,8 @@ def replicas(tmp_path_factory):
         for name in REPLICA_NAMES:
             port, log = free_port(), tmp / f"{name}.log"
             command = [sys.executable, "-m", "server", "--model", "tiny-random", "--host",
-                       "127.0.0.1", "--port", str(port), "--replica-name", name, "--threads", "1"]
+                       "127.0.0.1", "--port", str(port), "--replica-name", name, "--threads", "1",
+                       "--max-group-size", str(GROUP_SIZE), "--max-wait-ms", str(MAX_WAIT_MS)]
             processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"),
                                               stderr=subprocess.STDOUT))
             urls[name] = (f"http://127.0.0.1:{port}", processes[-1], log)
@@ -126,8 +131,9 @@ def ask(client: httpx.Client, group_id: str | None, stream: bool = False) -> htt
 def replicas_by_group(router_url: str, group_ids: list[str], per_group: int) -> dict:
     seen = defaultdict(set)
     with httpx.Client(base_url=router_url, timeout=30) as client:
-        for _ in range(per_group):
-            for group_id in group_ids:
+        # A group's questions back to back, as they arrive: round-robin would split them.
+        for group_id in group_ids:
+            for _ in range(per_group):
                 response = ask(client, group_id)
                 assert response.status_code == 200, response.text
                 assert response.json()["usage"]["completion_tokens"] >= 1
@@ -175,6 +181,45 @@ def test_groups_of_a_dead_replica_move_to_a_live_one(replicas, tmp_path):
     finally:
         stop(process, signal.SIGQUIT)
     assert {name for names in seen.values() for name in names} == {live_name}
+
+
+async def ask_group_at_once(client: httpx.AsyncClient, tag: str, send_header: bool) -> list:
+    """GROUP_SIZE questions about one shared passage, sent together; the body hint always."""
+    passage = f"{tag}: " + "a passage every question of this group shares. " * 8
+    headers = {"X-Group-Id": tag} if send_header else {}
+
+    async def one(index: int) -> dict:
+        body = {"model": "tiny-random", "max_tokens": 2, "group_id": tag,
+                "messages": [{"role": "system", "content": passage},
+                             {"role": "user", "content": f"question {index}?"}]}
+        response = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]
+
+    return await asyncio.gather(*(one(i) for i in range(GROUP_SIZE)))
+
+
+def prompt_tokens(router_url: str, tag: str, send_header: bool) -> tuple[int, int]:
+    """(billed, computed) prompt tokens over four groups."""
+    async def run() -> list:
+        async with httpx.AsyncClient(base_url=router_url, timeout=30) as client:
+            return [u for g in range(4) for u in await ask_group_at_once(
+                client, f"{tag}-{g}", send_header)]
+
+    usages = asyncio.run(run())
+    billed = sum(u["prompt_tokens"] for u in usages)
+    return billed, billed - sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+
+
+def test_group_affinity_is_what_saves_prompt_compute(router):
+    """With X-Group-Id a group meets on one replica and computes its passage once; with only
+    the body hint (invisible to nginx) its questions spread and each replica computes the
+    passage again."""
+    billed_together, computed_together = prompt_tokens(router, "grouped", send_header=True)
+    billed_spread, computed_spread = prompt_tokens(router, "spreads", send_header=False)
+    assert billed_together == billed_spread
+    assert computed_together < 0.5 * billed_together
+    assert computed_together < computed_spread
 
 
 # --- metric names: what Prometheus and Grafana query is what the server exports ----------
