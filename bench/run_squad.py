@@ -124,7 +124,7 @@ async def run_bench(
     args: argparse.Namespace,
     plans: dict[int, list[Group]],
     transport: httpx.AsyncBaseTransport | None = None,
-) -> tuple[str | None, list[dict]]:
+) -> tuple[str, list[dict]]:
     """Every group size in turn, after one untimed warm-up request -> (model, runs)."""
     prices = Prices(args.price_in, args.price_out)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -157,7 +157,7 @@ def _check_concurrency(args: argparse.Namespace, plans: dict[int, list[Group]]) 
                          f"one group sends at once; pass --concurrency {needed} or more")
 
 
-def _config(args: argparse.Namespace, model: str | None, selection: list[dict],
+def _config(args: argparse.Namespace, model: str, selection: list[dict],
             plans: dict[int, list[Group]]) -> dict:
     """The run's settings for the JSON file (never the API key)."""
     return {
@@ -176,7 +176,6 @@ def _config(args: argparse.Namespace, model: str | None, selection: list[dict],
         "temperature": 0.0,
         "price_in_per_million": args.price_in,
         "price_out_per_million": args.price_out,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -256,6 +255,7 @@ def main(argv: list[str] | None = None,
     selection = load_selection(args.contexts, args.squad, args.seed)
     plans = {size: make_groups(selection, size, args.faithful) for size in args.group_sizes}
     _check_concurrency(args, plans)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         model, runs = asyncio.run(run_bench(args, plans, transport))
     except (ServerError, ExceptionGroup) as error:
@@ -264,11 +264,11 @@ def main(argv: list[str] | None = None,
             raise
         print(f"error: {failures[0]}", file=sys.stderr)
         return 1
-    config = _config(args, model, selection, plans)
+    config = _config(args, model, selection, plans) | {"started_at": started_at}
     summaries = [run["summary"] for run in runs]
     hints = " + group_id" if config["group_id_hints"] else ""
     title = (f"SQuAD v1.1 dev, {config['contexts']} contexts, mode {args.mode}{hints}"
-             f"{', faithful' if args.faithful else ''}, model {config['model'] or 'default'}")
+             f"{', faithful' if args.faithful else ''}, model {config['model']}")
     print(f"{title}\n\n{format_tables(summaries, Prices(args.price_in, args.price_out))}")
     if args.json:
         write_json(args.json, config, runs)
