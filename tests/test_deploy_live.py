@@ -63,16 +63,31 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             process.wait()
 
 
+def nginx_version() -> tuple[int, ...]:
+    banner = subprocess.run([require_tool("nginx"), "-v"], capture_output=True, text=True).stderr
+    return tuple(int(part) for part in re.search(r"nginx/([\d.]+)", banner).group(1).split("."))
+
+
+def render_replicas(shipped: str, replica_ports: list[int]) -> str:
+    """The shipped replicas.conf with its host:port fields replaced, in order. Re-resolving
+    names (`resolver`, `resolve`) needs nginx >= 1.27.3 and means nothing for IP addresses,
+    so it is dropped for an older local nginx; every other parameter stays."""
+    ports = iter(replica_ports)
+    text = re.sub(r"^server\s+\S+:\d+", lambda _: f"server 127.0.0.1:{next(ports)}", shipped,
+                  flags=re.M)
+    assert next(ports, None) is None, "the shipped replicas.conf lists fewer replicas"
+    if nginx_version() < (1, 27, 3):
+        text = re.sub(r"^resolver .*\n", "", text, flags=re.M).replace(" resolve ", " ")
+    return text
+
+
 def render_router(conf_dir: Path, listen_port: int, replica_ports: list[int]) -> Path:
-    """The shipped nginx.conf, verbatim, with listen.conf and replicas.conf pointing at this
-    machine's ports (the shipped replicas.conf with its host:port fields replaced, in order)."""
+    """The shipped nginx.conf, verbatim, beside listen.conf and replicas.conf for this
+    machine's ports."""
     conf_dir.mkdir()
     (conf_dir / "nginx.conf").write_text((NGINX_DIR / "nginx.conf").read_text())
     (conf_dir / "listen.conf").write_text(f"listen 127.0.0.1:{listen_port};\n")
-    ports = iter(replica_ports)
-    replicas = re.sub(r"^server\s+\S+:\d+", lambda _: f"server 127.0.0.1:{next(ports)}",
-                      (NGINX_DIR / "replicas.conf").read_text(), flags=re.M)
-    assert next(ports, None) is None, "the shipped replicas.conf lists fewer replicas"
+    replicas = render_replicas((NGINX_DIR / "replicas.conf").read_text(), replica_ports)
     (conf_dir / "replicas.conf").write_text(replicas)
     return conf_dir / "nginx.conf"
 
