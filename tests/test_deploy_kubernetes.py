@@ -89,5 +89,7 @@ def test_replica_probes_and_scrape_annotations_match_the_server():
     annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/path"] == "/metrics"
     assert annotations["prometheus.io/port"] == "8000"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["GROUPWISE_THREADS"] == container["resources"]["requests"]["cpu"]
     security = statefulset["spec"]["template"]["spec"]["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] == 10001
