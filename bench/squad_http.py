@@ -106,7 +106,8 @@ def _grouped_reply(question_id: str, answer: dict, latency: float) -> Reply:
 async def ask_chat(
     client: httpx.AsyncClient, settings: RequestSettings, question: Question, group_id: str
 ) -> Reply:
-    """One streaming POST /v1/chat/completions; `group_id` goes along only with hints on."""
+    """One streaming POST /v1/chat/completions; with hints on, the group id goes along both
+    as the body field and as the `X-Group-Id` header (a router can hash on a header only)."""
     body = {
         "model": settings.model,
         "messages": [
@@ -118,12 +119,16 @@ async def ask_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    headers = {}
     if settings.send_hints:
         body["group_id"] = group_id
+        headers["X-Group-Id"] = group_id
     started = time.perf_counter()
     pieces, finish_reason, usage, ttft = [], None, None, None
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers=headers
+        ) as response:
             await _raise_for_status(response)
             async for chunk in _sse_chunks(response):
                 for choice in chunk.get("choices") or []:

@@ -41,7 +41,7 @@ class FakeServer:
         self.by_id = {q["id"]: (i, q) for i, (_, q) in enumerate(flat)}
         self.by_prompt = {(ctx, q["question"]): (i, q) for i, (ctx, q) in enumerate(flat)}
         self.openai_only, self.api_key = openai_only, api_key
-        self.grouped_bodies, self.chat_bodies = [], []
+        self.grouped_bodies, self.chat_bodies, self.chat_header_ids = [], [], []
         self.in_flight, self.most_in_flight = Counter(), Counter()
         self.groups_seen = set()
         self.app = self._make_app()
@@ -89,6 +89,7 @@ class FakeServer:
             if self.openai_only and unknown:
                 return error(400, f"Unrecognized request arguments: {sorted(unknown)}")
             self.chat_bodies.append(body)
+            self.chat_header_ids.append(request.headers.get("x-group-id"))
             context, question = body["messages"][1]["content"].split("\n\nQuestion: ")
             index, item = self.by_prompt[(context.removeprefix("Passage:\n"), question)]
             group = body.get("group_id")
@@ -192,6 +193,7 @@ def test_chat_mode_sends_a_group_together_under_one_group_id(tmp_path):
     result = run(server, tmp_path, "--contexts", "2", "--group-sizes", "5,2", "--mode", "chat")
     assert result["config"]["model"] == "fake-model"  # from /v1/models
     assert {b["model"] for b in server.chat_bodies} == {"fake-model"}
+    assert server.chat_header_ids == [b["group_id"] for b in server.chat_bodies]  # for routers
     asked = Counter(b["group_id"] for b in server.chat_bodies if "warmup" not in b["group_id"])
     groups = {5: make_groups(load_selection(2), 5), 2: make_groups(load_selection(2), 2)}
     assert sorted(asked.values()) == sorted(
@@ -210,6 +212,7 @@ def test_no_hints_works_against_a_plain_openai_server(tmp_path):
     result = run(server, tmp_path, "--contexts", "1", "--group-sizes", "5",
                  "--mode", "chat", "--no-hints", "--model", "other-engine")
     assert all(set(b) <= OPENAI_CHAT_FIELDS for b in server.chat_bodies)
+    assert set(server.chat_header_ids) == {None}
     assert {b["model"] for b in server.chat_bodies} == {"other-engine"}
     summary = result["runs"][0]["summary"]
     # no cached_tokens in a foreign server's usage: everything counts as computed
