@@ -67,11 +67,12 @@ def validation_message(error: dict) -> tuple[str, str | None]:
     if error.get("type") == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON: {detail}".rstrip(": "), None
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    if param is None and error.get("type") == "value_error":  # a check of the whole body
+        return message, None
     if param is None:
         return ("the request body must be a JSON object, sent with "
                 "Content-Type: application/json"), None
-    message = str(error.get("msg", "is invalid"))
-    message = message.removeprefix("Value error, ")
     return f"{param}: {message}", param
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TEXT_CHARS = 2_000_000
 MAX_QUESTIONS = 256
 MAX_ID_CHARS = 256
+# OpenAI fields that do not change what is generated: accepted, not used
+INFORMATIONAL_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key"}
+)
 
 
 def _stop_list(value):
@@ -54,7 +58,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other OpenAI fields are accepted and ignored
+    # unknown fields are kept so that `refuse_unknown_fields` can name them in its error
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, max_length=MAX_ID_CHARS)
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
@@ -62,8 +67,13 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # an extension, as in vLLM: 0 or None means off
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    # accepted only at their neutral values: anything else would be silently ignored
+    frequency_penalty: float | None = Field(None, ge=0, le=0)
+    presence_penalty: float | None = Field(None, ge=0, le=0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
@@ -93,6 +103,13 @@ class ChatCompletionRequest(BaseModel):
         if value:
             raise ValueError("tools are not supported")
         return value
+
+    @model_validator(mode="after")
+    def refuse_unknown_fields(self):
+        unknown = sorted(set(self.model_extra or {}) - INFORMATIONAL_FIELDS)
+        if unknown:
+            raise ValueError(f"unsupported field(s): {', '.join(unknown)}")
+        return self
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -65,10 +65,23 @@ def test_invalid_json_is_400(server, path):
          "stream_options.include_usage"),
         ({"messages": USER, "group_id": ""}, "group_id"),
         ({"messages": USER, "logprobs": True}, "logprobs"),
+        ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"messages": USER, "presence_penalty": -1}, "presence_penalty"),
+        ({"messages": USER, "logit_bias": {"42": 5}}, "logit_bias"),
+        ({"messages": USER, "top_k": -1}, "top_k"),
     ],
 )
 def test_invalid_chat_fields_are_400_naming_the_field(server, payload, param):
     assert_error(post(server, "/chat/completions", payload), 400, param, says=param)
+
+
+def test_unknown_chat_fields_are_named_not_dropped(server):
+    payload = {"messages": USER, "max_tokens": 2, "mirostat": 2, "best_of": 3}
+    assert_error(post(server, "/chat/completions", payload), 400, None,
+                 says="unsupported field(s): best_of, mirostat")
+    neutral = {"messages": USER, "max_tokens": 2, "user": "u1", "frequency_penalty": 0,
+               "logit_bias": {}, "top_k": 5}
+    assert post(server, "/chat/completions", neutral).status_code == 200
 
 
 def test_n_other_than_1_is_refused_through_the_openai_client(server):
