@@ -1,0 +1,225 @@
+"""CSA training data: SQuAD-layout passages, one (prompt, target) example per question, and the
+teacher-forced final hidden states at every answer step.
+
+The base model is frozen and CSA + the LM-head adapter act only on the final normed hidden state
+just before the LM head, so those hidden states do not depend on the trained weights: they are
+computed once (one forward per batch of passages) and training runs on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from model.engine import shared_prefix_length
+from model.prompts import encode_chat, question_messages
+
+FEATURES_VERSION = 1  # bump when the layout of the cached features changes
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: tuple[str, ...]  # gold answers; the first one is the training target
+
+
+@dataclass(frozen=True)
+class Passage:
+    context: str
+    questions: tuple[Question, ...]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question, tokenized: the serving prompt and the answer it should produce."""
+
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]  # <answer>{first gold}</answer> + end-of-turn
+    passage_index: int
+
+
+@dataclass
+class Features:
+    """Answer-step hidden states of many examples, flattened over (example, step).
+
+    hidden [N, d]: the final normed hidden state that predicts targets[n];
+    targets [N]; row_lengths [R] (answer steps per example, rows in order);
+    row_passages [R]: index of each example's passage (rows of one passage may be grouped)."""
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    row_lengths: torch.Tensor
+    row_passages: torch.Tensor
+
+    @property
+    def row_starts(self) -> torch.Tensor:
+        return self.row_lengths.cumsum(0) - self.row_lengths
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lengths)
+
+    def subset(self, passage_indices: Sequence[int]) -> Features:
+        """The rows of the given passages (passage indices are kept as they are)."""
+        keep_row = torch.isin(self.row_passages, torch.tensor(list(passage_indices)))
+        keep_token = keep_row.repeat_interleave(self.row_lengths)
+        return Features(
+            self.hidden[keep_token], self.targets[keep_token],
+            self.row_lengths[keep_row], self.row_passages[keep_row],
+        )
+
+
+def read_squad(path: str | Path) -> list[Passage]:
+    """Passages of a file in the official SQuAD v1.1 JSON layout, in file order."""
+    try:
+        data = json.loads(Path(path).read_text())["data"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"cannot read SQuAD file {path}: {exc}") from exc
+    passages = []
+    for article in data:
+        for paragraph in article["paragraphs"]:
+            questions = tuple(
+                Question(qa["question"], tuple(a["text"].strip() for a in qa["answers"]))
+                for qa in paragraph["qas"]
+                if qa["answers"]
+            )
+            if questions:
+                passages.append(Passage(paragraph["context"], questions))
+    return passages
+
+
+def split_passages(num_passages: int, num_heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """-> (train, held-out) passage indices, both sorted; the held-out ones drawn with
+    `random.Random(seed)`."""
+    if not 0 < num_heldout < num_passages:
+        raise SystemExit(f"cannot hold out {num_heldout} of {num_passages} passages")
+    order = list(range(num_passages))
+    random.Random(seed).shuffle(order)
+    return sorted(order[num_heldout:]), sorted(order[:num_heldout])
+
+
+def answer_target(tokenizer, answer: str) -> list[int]:
+    ids = tokenizer(f"<answer>{answer}</answer>", add_special_tokens=False)["input_ids"]
+    return [*ids, tokenizer.eos_token_id]
+
+
+def make_examples(tokenizer, passages: Sequence[Passage]) -> list[Example]:
+    return [
+        Example(
+            tuple(encode_chat(tokenizer, question_messages(passage.context, q.question))),
+            tuple(answer_target(tokenizer, q.answers[0])),
+            index,
+        )
+        for index, passage in enumerate(passages)
+        for q in passage.questions
+    ]
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """-> ids [B, L], mask [B, L] (1 = real token), L = the longest sequence."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def answer_hidden_states(
+    body, groups: Sequence[Sequence[Example]], pad_id: int
+) -> list[torch.Tensor]:
+    """Teacher-forced hidden states for every example of `groups`, in order: [T_i, d] each.
+
+    A group's examples share a prompt prefix (one passage). Each row is
+    [left pad][prompt][target without its last token]; the hidden state at position p predicts
+    token p + 1, so the first target token comes from the last prompt token and the T_i target
+    tokens are predicted by the row's last T_i positions. The shared prefix is computed once per
+    group, the rest of each row in one left-padded pass whose positions skip the pads."""
+    device = next(body.parameters()).device
+    examples = [e for group in groups for e in group]
+    group_of_row = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    prefix_lengths = [shared_prefix_length([e.prompt_ids for e in group]) for group in groups]
+    cache = DynamicCache(config=body.config)
+    prefixes = [group[0].prompt_ids[:n] for group, n in zip(groups, prefix_lengths)]
+    if max(prefix_lengths) > 0:
+        ids, mask = _left_pad(prefixes, pad_id)
+        body(
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            past_key_values=cache, use_cache=True,
+        )
+        cache.batch_select_indices(group_of_row.to(device))  # one copy of the prefix per row
+        prefix_mask = mask[group_of_row]
+    else:
+        prefix_mask = torch.zeros((len(examples), 0), dtype=torch.long)
+    row_prefix = [prefix_lengths[g] for g in group_of_row.tolist()]
+    suffixes = [(e.prompt_ids + e.target_ids[:-1])[n:] for e, n in zip(examples, row_prefix)]
+    ids, suffix_mask = _left_pad(suffixes, pad_id)
+    # [B, S]: positions continue after each row's real prefix; pads get a dummy position
+    positions = torch.tensor(row_prefix)[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    out = body(
+        input_ids=ids.to(device),
+        attention_mask=torch.cat([prefix_mask, suffix_mask], dim=-1).to(device),
+        position_ids=positions.to(device), past_key_values=cache, use_cache=True,
+    )
+    hidden = out.last_hidden_state.float().cpu()  # [B, S, d]
+    width = hidden.shape[1]
+    return [hidden[i, width - len(e.target_ids) :].clone() for i, e in enumerate(examples)]
+
+
+def compute_features(
+    body, examples: Sequence[Example], pad_id: int, passages_per_batch: int = 4,
+    on_batch: Callable[[int], None] | None = None,
+) -> Features:
+    """Features of `examples`, one forward per batch of passages. Passages are batched in order
+    of prompt length so the left padding between them stays small."""
+    by_passage: dict[int, list[int]] = {}
+    for row, example in enumerate(examples):
+        by_passage.setdefault(example.passage_index, []).append(row)
+    order = sorted(by_passage.values(), key=lambda rows: len(examples[rows[0]].prompt_ids))
+    hidden_of_row: list[torch.Tensor | None] = [None] * len(examples)
+    for start in range(0, len(order), passages_per_batch):
+        chunk = order[start : start + passages_per_batch]
+        groups = [[examples[row] for row in rows] for rows in chunk]
+        states = answer_hidden_states(body, groups, pad_id)
+        for row, state in zip((row for rows in chunk for row in rows), states):
+            hidden_of_row[row] = state
+        if on_batch is not None:
+            on_batch(sum(len(rows) for rows in chunk))
+    return Features(
+        hidden=torch.cat(hidden_of_row),
+        targets=torch.tensor([t for e in examples for t in e.target_ids]),
+        row_lengths=torch.tensor([len(e.target_ids) for e in examples]),
+        row_passages=torch.tensor([e.passage_index for e in examples]),
+    )
+
+
+def features_key(base_fingerprint: str, examples: Sequence[Example]) -> str:
+    """Cache key: the base weights and every token of every example."""
+    digest = hashlib.sha256(f"v{FEATURES_VERSION}:{base_fingerprint}".encode())
+    for example in examples:
+        digest.update(json.dumps([example.prompt_ids, example.target_ids]).encode())
+    return digest.hexdigest()[:24]
+
+
+def save_features(features: Features, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(vars(features), partial)
+    partial.replace(path)
+
+
+def load_features(path: Path) -> Features | None:
+    if not path.is_file():
+        return None
+    return Features(**torch.load(path, weights_only=True))

@@ -1,0 +1,177 @@
+"""The CSA training loop on cached answer-step features (see `model/train_data.py`).
+
+A batch is a set of groups (rows of one passage, 1 to `max_group` rows each). CSA at answer step
+t mixes the step-t hidden states of a group's rows that are still active (t < their target
+length), exactly as decoding does; the loss is the cross-entropy of the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.csa import CrossSequenceAttention
+from model.train_data import Features
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 6
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_tokens: int = 512  # answer tokens per optimizer step
+    max_group: int = 5
+    warmup_share: float = 0.05
+    max_steps: int = 0  # 0: no limit; a smoke run stops after this many steps
+    seed: int = 0
+
+
+def make_groups(features: Features, max_group: int, rng: random.Random | None) -> list:
+    """Rows grouped by passage: shuffled and cut into groups of random size 1..max_group, or,
+    with rng None, cut in file order into groups of max_group (the fixed held-out grouping)."""
+    rows_of: dict[int, list[int]] = {}
+    for row, passage in enumerate(features.row_passages.tolist()):
+        rows_of.setdefault(passage, []).append(row)
+    groups = []
+    for rows in rows_of.values():
+        if rng is not None:
+            rng.shuffle(rows)
+        start = 0
+        while start < len(rows):
+            size = rng.randint(1, max_group) if rng is not None else max_group
+            groups.append(rows[start : start + size])
+            start += size
+    if rng is not None:
+        rng.shuffle(groups)
+    return groups
+
+
+def pack_batches(groups: list, row_lengths: list[int], batch_tokens: int) -> list:
+    """Whole groups packed into batches of about `batch_tokens` answer tokens."""
+    batches, current, tokens = [], [], 0
+    for group in groups:
+        size = sum(row_lengths[r] for r in group)
+        if current and tokens + size > batch_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(group)
+        tokens += size
+    return batches + ([current] if current else [])
+
+
+def batch_tensors(features: Features, groups: list) -> tuple[torch.Tensor, ...]:
+    """-> hidden [N, d], targets [N], group_ids [N] for every answer step of the batch's rows.
+    group_ids is (group, step): CSA mixes a group's rows at the same step only; a row past its
+    last step has no entry, so it no longer feeds CSA."""
+    starts, lengths = features.row_starts, features.row_lengths
+    span = int(lengths.max()) + 1
+    token_index, group_ids = [], []
+    for group_number, group in enumerate(groups):
+        for row in group:
+            steps = torch.arange(int(lengths[row]))
+            token_index.append(int(starts[row]) + steps)
+            group_ids.append(group_number * span + steps)
+    index = torch.cat(token_index)
+    return features.hidden[index], features.targets[index], torch.cat(group_ids)
+
+
+def answer_logits(
+    csa: CrossSequenceAttention | None, lm_head, hidden: torch.Tensor, group_ids: torch.Tensor
+) -> torch.Tensor:
+    """The engine's head: CSA on the hidden states, the frozen LM head, then the adapter."""
+    if csa is None:
+        return lm_head(hidden)
+    mixed = csa(hidden, group_ids, torch.ones_like(group_ids, dtype=torch.bool))
+    logits = lm_head(mixed)
+    delta = csa.head_delta(mixed)
+    return logits if delta is None else logits + delta
+
+
+def answer_loss(csa, lm_head, features: Features, groups: list) -> torch.Tensor:
+    hidden, targets, group_ids = batch_tensors(features, groups)
+    return F.cross_entropy(answer_logits(csa, lm_head, hidden, group_ids), targets)
+
+
+@torch.no_grad()
+def heldout_loss(csa, lm_head, features: Features, settings: TrainSettings) -> float:
+    """Mean answer-token loss over the held-out rows, grouped in file order."""
+    groups = make_groups(features, settings.max_group, None)
+    lengths = features.row_lengths.tolist()
+    total, count = 0.0, 0
+    for batch in pack_batches(groups, lengths, settings.batch_tokens * 4):
+        tokens = sum(lengths[r] for g in batch for r in g)
+        total += float(answer_loss(csa, lm_head, features, batch)) * tokens
+        count += tokens
+    return total / max(count, 1)
+
+
+def _optimizer(csa: CrossSequenceAttention, settings: TrainSettings) -> torch.optim.AdamW:
+    """Weight decay on matrices only: decaying the gate bias would open the gate by itself."""
+    matrices = [p for p in csa.parameters() if p.requires_grad and p.dim() >= 2]
+    others = [p for p in csa.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": settings.weight_decay},
+         {"params": others, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+
+
+def _lr_factor(step: int, total: int, warmup_share: float) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    warmup = max(1, int(total * warmup_share))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    csa: CrossSequenceAttention, lm_head, train_features: Features, heldout: Features,
+    settings: TrainSettings, on_step: Callable[[float], None] | None = None,
+) -> list[dict]:
+    """Trains `csa` in place (fp32) and keeps the weights of the epoch with the lowest held-out
+    loss. Returns the per-epoch history."""
+    csa.float().train().requires_grad_(True)
+    rng = random.Random(settings.seed)
+    torch.manual_seed(settings.seed)
+    optimizer = _optimizer(csa, settings)
+    lengths = train_features.row_lengths.tolist()
+    steps_per_epoch = math.ceil(sum(lengths) / settings.batch_tokens)
+    total = steps_per_epoch * settings.epochs
+    if settings.max_steps:
+        total = min(total, settings.max_steps)
+    history, best, step = [], (math.inf, None), 0
+    for epoch in range(1, settings.epochs + 1):
+        losses = []
+        groups = make_groups(train_features, settings.max_group, rng)
+        for batch in pack_batches(groups, lengths, settings.batch_tokens):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _lr_factor(step, total, settings.warmup_share)
+            loss = answer_loss(csa, lm_head, train_features, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if on_step is not None:
+                on_step(losses[-1])
+            if step >= total:
+                break
+        csa.eval()
+        val = heldout_loss(csa, lm_head, heldout, settings)
+        csa.train()
+        history.append({"epoch": epoch, "steps": step, "train_loss": sum(losses) / len(losses),
+                        "heldout_loss": val})
+        if val < best[0]:
+            best = (val, copy.deepcopy(csa.state_dict()))
+        if step >= total:
+            break
+    csa.load_state_dict(best[1])
+    csa.eval().requires_grad_(False)
+    return history

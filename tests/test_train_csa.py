@@ -1,0 +1,163 @@
+"""CSA training: answer-step indexing with left padding, the loss, checkpoints, a smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.csa import CheckpointMismatchError, CrossSequenceAttention, CSAConfig
+from model.tiny import build_tiny_model
+from model.train_csa import main as train_main
+from model.train_data import Passage, Question, compute_features, make_examples, read_squad
+from model.train_loop import answer_logits, answer_loss, batch_tensors, make_groups
+
+PASSAGES = [
+    Passage("Cats sleep most of the day.", (
+        Question("Who sleeps?", ("Cats",)),
+        Question("How much of the day do they sleep, roughly speaking?", ("most of the day",)),
+    )),
+    Passage("The river Loire is the longest river in France, 1,006 km from its source.", (
+        Question("Which river?", ("the Loire",)),
+        Question("In which land?", ("France",)),
+        Question("How long is it from the source to the sea?", ("1,006 km",)),
+    )),
+    Passage("Paris.", (Question("Capital?", ("Paris",)),)),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_model()
+
+
+def unpadded_hidden(body, example) -> torch.Tensor:
+    """Reference: the row alone, no padding, no shared prefix -> [T, d] at the answer steps."""
+    sequence = torch.tensor([example.prompt_ids + example.target_ids])
+    with torch.no_grad():
+        hidden = body(input_ids=sequence).last_hidden_state[0]
+    start = len(example.prompt_ids) - 1  # the last prompt token predicts the first answer token
+    return hidden[start : start + len(example.target_ids)]
+
+
+def test_answer_steps_with_left_padding_match_unpadded_rows(tiny):
+    examples = make_examples(tiny.tokenizer, PASSAGES)
+    prompt_lengths = {len(e.prompt_ids) for e in examples}
+    assert len(prompt_lengths) == len(examples)  # every row is padded differently
+    body = tiny.model.get_decoder()
+    features = compute_features(body, examples, tiny.tokenizer.pad_token_id, passages_per_batch=3)
+    assert features.targets.tolist() == [t for e in examples for t in e.target_ids]
+    starts = features.row_starts.tolist()
+    for row, example in enumerate(examples):
+        got = features.hidden[starts[row] : starts[row] + len(example.target_ids)]
+        torch.testing.assert_close(got, unpadded_hidden(body, example), atol=1e-4, rtol=1e-4)
+
+
+def test_loss_equals_per_row_unpadded_cross_entropy(tiny):
+    examples = make_examples(tiny.tokenizer, PASSAGES)
+    features = compute_features(
+        tiny.model.get_decoder(), examples, tiny.tokenizer.pad_token_id, passages_per_batch=2
+    )
+    groups = make_groups(features, max_group=5, rng=None)
+    # an untrained module is the identity, so the loss must be the base model's own
+    csa = CrossSequenceAttention(CSAConfig(hidden_size=64, num_heads=4, adapter_rank=2,
+                                           vocab_size=tiny.model.config.vocab_size))
+    loss = answer_loss(csa, tiny.model.get_output_embeddings(), features, groups)
+    token_losses = []
+    for example in examples:
+        sequence = torch.tensor([example.prompt_ids + example.target_ids])
+        with torch.no_grad():
+            logits = tiny.model(input_ids=sequence).logits[0]
+        start = len(example.prompt_ids) - 1
+        token_losses.append(F.cross_entropy(
+            logits[start : start + len(example.target_ids)], torch.tensor(example.target_ids),
+            reduction="none",
+        ))
+    torch.testing.assert_close(loss, torch.cat(token_losses).mean(), atol=1e-4, rtol=1e-4)
+
+
+def test_csa_mixes_rows_of_one_group_at_the_same_step_only(tiny):
+    examples = make_examples(tiny.tokenizer, PASSAGES)
+    features = compute_features(tiny.model.get_decoder(), examples, tiny.tokenizer.pad_token_id)
+    groups = [[0, 1], [2, 3, 4], [5]]  # rows by passage
+    hidden, _, group_ids = batch_tensors(features, groups)
+    csa = CrossSequenceAttention(CSAConfig(hidden_size=64, num_heads=4))
+    torch.nn.init.normal_(csa.o_proj.weight, std=0.5)  # no longer the identity
+    lm_head = tiny.model.get_output_embeddings()
+    logits = answer_logits(csa, lm_head, hidden, group_ids)
+    lengths = features.row_lengths.tolist()
+    # the single row of passage 2 has no peer: unchanged
+    torch.testing.assert_close(logits[-lengths[5]:], lm_head(hidden[-lengths[5]:]))
+    # rows 0 and 1 mixed step by step: the same as running the pair alone
+    pair = sum(lengths[:2])
+    alone = answer_logits(csa, lm_head, hidden[:pair], group_ids[:pair])
+    torch.testing.assert_close(logits[:pair], alone)
+    assert not torch.allclose(logits[:pair], lm_head(hidden[:pair]))
+    # a step at which only one row of a group is still active is left as it is
+    longer, shorter = (0, 1) if lengths[0] > lengths[1] else (1, 0)
+    last = sum(lengths[:longer]) + lengths[longer] - 1
+    assert lengths[longer] > lengths[shorter]
+    torch.testing.assert_close(logits[last], lm_head(hidden[last]))
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    config = CSAConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50,
+                       base_model="tiny-random", base_fingerprint="abc123",
+                       meta={"trained": ["csa", "gate", "lm_head_adapter"], "metrics": {"f1": 0.5}})
+    csa = CrossSequenceAttention(config)
+    for parameter in csa.parameters():
+        torch.nn.init.normal_(parameter)
+    csa.save(tmp_path)
+    loaded = CrossSequenceAttention.load(tmp_path, "tiny-random", "abc123", 64)
+    assert loaded.config == config
+    for name, tensor in csa.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    h, groups = torch.randn(4, 64), torch.tensor([0, 0, 1, 1])
+    active = torch.ones(4, dtype=torch.bool)
+    torch.testing.assert_close(loaded(h, groups, active), csa(h, groups, active))
+    with pytest.raises(CheckpointMismatchError, match="trained on tiny-random"):
+        CrossSequenceAttention.load(tmp_path, "other-model", "def456", 64)
+    with pytest.raises(CheckpointMismatchError, match="hidden size"):
+        CrossSequenceAttention.load(tmp_path, "tiny-random", "abc123", 128)
+
+
+def squad_file(path, passages) -> None:
+    articles = [{"title": "t", "paragraphs": [
+        {"context": p.context, "qas": [
+            {"id": f"{i}-{j}", "question": q.question,
+             "answers": [{"text": a, "answer_start": 0} for a in q.answers]}
+            for j, q in enumerate(p.questions)
+        ]} for i, p in enumerate(passages)
+    ]}]
+    path.write_text(json.dumps({"version": "1.1", "data": articles}))
+
+
+def test_read_squad_keeps_passages_and_answers(tmp_path):
+    squad_file(tmp_path / "train.json", PASSAGES)
+    assert read_squad(tmp_path / "train.json") == PASSAGES
+
+
+def test_smoke_training_run_lowers_the_loss(tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUPWISE_CACHE", str(tmp_path / "cache"))
+    squad_file(tmp_path / "train.json", PASSAGES * 4)
+    out = tmp_path / "csa"
+    metrics = train_main([
+        "--model", "tiny-random", "--train", str(tmp_path / "train.json"), "--out", str(out),
+        "--heldout", "3", "--max-steps", "20", "--epochs", "20", "--batch-tokens", "64",
+        "--lr", "3e-2", "--adapter-rank", "4", "--num-heads", "4",
+        "--eval-contexts", "0", "--bench-contexts", "0",
+    ])
+    losses = metrics["heldout_loss"]
+    assert losses["adapter-only"] < losses["base"] - 0.5
+    assert losses["csa+adapter"] < losses["base"] - 0.5
+    trained = CrossSequenceAttention.load(out, "tiny-random")
+    history = trained.config.meta["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert trained.config.use_csa and trained.config.meta["trained"][0] == "csa"
+    assert trained.config.meta["metrics"]["heldout_loss"] == losses
+    control = CrossSequenceAttention.load(f"{out}-adapter-only", "tiny-random")
+    assert not control.config.use_csa and control.config.meta["trained"] == ["lm_head_adapter"]
+    # the features were cached: a second run reads them instead of recomputing
+    assert len(list((tmp_path / "cache" / "csa-features").glob("*.pt"))) == 1
