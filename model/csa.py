@@ -9,9 +9,11 @@ For the final normed hidden states h [B, d] of the newest token of every row:
 Wo starts at zero, so an untrained module is exactly the identity. A row with no other active
 row in its group (a group of one, or the last unfinished row) gets a = 0, hence h' = h.
 
-An optional low-rank LM-head adapter adds (h' A) B to the logits. It leaves the base LM head
-untouched, which matters for models that tie the LM head to the input embeddings. B starts at
-zero, so the adapter is also the identity until trained.
+The LM-head adapter has two optional parts, both the identity until trained and both leaving
+the base LM head untouched (which matters for models that tie it to the input embeddings):
+a residual MLP on the LM head's input, h'' = h' + W4 GELU(W3 LN(h') + b3) + b4 (W4, b4 start at
+zero), applied at the end of `forward` for every row (groups of one too); and a low-rank delta
+(h'' A) B added to the logits by `head_delta` (B starts at zero).
 
 A checkpoint is a directory with `csa.safetensors` and `config.json`.
 """
@@ -41,7 +43,8 @@ class CSAConfig:
     hidden_size: int
     num_heads: int = 8
     gate_bias_init: float = -3.0
-    adapter_rank: int = 0  # 0: no LM-head adapter
+    adapter_rank: int = 0  # 0: no low-rank logits delta
+    head_mlp: int = 0  # hidden width of the residual MLP on the LM head's input; 0: none
     vocab_size: int = 0  # the adapter's output size; needed when adapter_rank > 0
     use_csa: bool = True  # False: adapter-only checkpoint (the training control)
     base_model: str = ""
@@ -64,34 +67,53 @@ class CrossSequenceAttention(nn.Module):
         d = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = d // config.num_heads
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
-        self.norm_h = nn.LayerNorm(d)
-        self.norm_a = nn.LayerNorm(d)
-        self.gate_in = nn.Linear(3 * d, config.gate_hidden)
-        self.gate_out = nn.Linear(config.gate_hidden, d)
+        if config.use_csa:  # an adapter-only module carries no attention or gate weights
+            self.q_proj = nn.Linear(d, d, bias=False)
+            self.k_proj = nn.Linear(d, d, bias=False)
+            self.v_proj = nn.Linear(d, d, bias=False)
+            self.o_proj = nn.Linear(d, d, bias=False)
+            self.norm_h = nn.LayerNorm(d)
+            self.norm_a = nn.LayerNorm(d)
+            self.gate_in = nn.Linear(3 * d, config.gate_hidden)
+            self.gate_out = nn.Linear(config.gate_hidden, d)
         rank = config.adapter_rank
         if rank and config.vocab_size < 1:
             raise ValueError("an LM-head adapter needs the vocabulary size")
         self.adapter_down = nn.Linear(d, rank, bias=False) if rank else None
         self.adapter_up = nn.Linear(rank, config.vocab_size, bias=False) if rank else None
+        self.head_mlp = (
+            nn.Sequential(
+                nn.LayerNorm(d), nn.Linear(d, config.head_mlp), nn.GELU(),
+                nn.Linear(config.head_mlp, d),
+            )
+            if config.head_mlp
+            else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.o_proj.weight)
-        nn.init.constant_(self.gate_out.bias, self.config.gate_bias_init)
+        if self.config.use_csa:
+            nn.init.zeros_(self.o_proj.weight)
+            nn.init.constant_(self.gate_out.bias, self.config.gate_bias_init)
         if self.adapter_up is not None:
             nn.init.zeros_(self.adapter_up.weight)
+        if self.head_mlp is not None:
+            nn.init.zeros_(self.head_mlp[-1].weight)
+            nn.init.zeros_(self.head_mlp[-1].bias)
 
     def forward(
         self, h: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor
     ) -> torch.Tensor:
         """h: [B, d]; group_ids: [B] (rows with equal ids form a group); active: [B] bool.
-        Returns h' [B, d]; inactive rows and rows without peers come back unchanged."""
-        if not self.config.use_csa:
-            return h
+        Returns the LM head's input [B, d]: CSA leaves inactive rows and rows without peers
+        unchanged; the head MLP, when there is one, then applies to every row."""
+        mixed = self.mix(h, group_ids, active) if self.config.use_csa else h
+        return mixed if self.head_mlp is None else mixed + self.head_mlp(mixed)
+
+    def mix(
+        self, h: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor
+    ) -> torch.Tensor:
+        """The cross-sequence attention alone: h [B, d] -> h + g * a [B, d]."""
         batch = h.shape[0]
         # allowed[i, j]: row i may attend to row j
         allowed = (group_ids[:, None] == group_ids[None, :]) & active[None, :] & active[:, None]

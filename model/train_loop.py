@@ -22,12 +22,13 @@ from model.train_data import Features
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 6
+    epochs: int = 2
     lr: float = 1e-3
     weight_decay: float = 0.01
     batch_tokens: int = 512  # answer tokens per optimizer step
     max_group: int = 5
     warmup_share: float = 0.05
+    evals_per_epoch: int = 4  # held-out loss measurements per epoch (the best weights are kept)
     max_steps: int = 0  # 0: no limit; a smoke run stops after this many steps
     seed: int = 0
 
@@ -115,11 +116,9 @@ def _optimizer(csa: CrossSequenceAttention, settings: TrainSettings) -> torch.op
     """Weight decay on matrices only: decaying the gate bias would open the gate by itself."""
     matrices = [p for p in csa.parameters() if p.requires_grad and p.dim() >= 2]
     others = [p for p in csa.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": settings.weight_decay},
-         {"params": others, "weight_decay": 0.0}],
-        lr=settings.lr,
-    )
+    groups = [{"params": matrices, "weight_decay": settings.weight_decay},
+              {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
 
 
 def _lr_factor(step: int, total: int, warmup_share: float) -> float:
@@ -135,9 +134,11 @@ def train(
     csa: CrossSequenceAttention, lm_head, train_features: Features, heldout: Features,
     settings: TrainSettings, on_step: Callable[[float], None] | None = None,
 ) -> list[dict]:
-    """Trains `csa` in place (fp32) and keeps the weights of the epoch with the lowest held-out
-    loss. Returns the per-epoch history."""
-    csa.float().train().requires_grad_(True)
+    """Trains the parameters of `csa` that require grad (fp32 master weights, AdamW) and keeps
+    the weights with the lowest held-out loss, measured before training and then
+    `settings.evals_per_epoch` times an epoch: a module that starts as the identity can only
+    improve on its start. Returns the history of those measurements."""
+    csa.float()
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
     optimizer = _optimizer(csa, settings)
@@ -146,32 +147,35 @@ def train(
     total = steps_per_epoch * settings.epochs
     if settings.max_steps:
         total = min(total, settings.max_steps)
-    history, best, step = [], (math.inf, None), 0
-    for epoch in range(1, settings.epochs + 1):
-        losses = []
+    eval_every = max(1, steps_per_epoch // settings.evals_per_epoch)
+    start = heldout_loss(csa.eval(), lm_head, heldout, settings)
+    history = [{"epoch": 0.0, "steps": 0, "train_loss": None, "heldout_loss": start}]
+    best, step, losses = (start, copy.deepcopy(csa.state_dict())), 0, []
+    csa.train()
+    while step < total:
         groups = make_groups(train_features, settings.max_group, rng)
         for batch in pack_batches(groups, lengths, settings.batch_tokens):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, total, settings.warmup_share)
             loss = answer_loss(csa, lm_head, train_features, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if loss.requires_grad:  # not when only CSA trains and no row of the batch has a peer
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             losses.append(loss.item())
             step += 1
             if on_step is not None:
                 on_step(losses[-1])
+            if step % eval_every == 0 or step == total:
+                val = heldout_loss(csa.eval(), lm_head, heldout, settings)
+                csa.train()
+                history.append({"epoch": round(step / steps_per_epoch, 2), "steps": step,
+                                "train_loss": sum(losses) / len(losses), "heldout_loss": val})
+                losses = []
+                if val < best[0]:
+                    best = (val, copy.deepcopy(csa.state_dict()))
             if step >= total:
                 break
-        csa.eval()
-        val = heldout_loss(csa, lm_head, heldout, settings)
-        csa.train()
-        history.append({"epoch": epoch, "steps": step, "train_loss": sum(losses) / len(losses),
-                        "heldout_loss": val})
-        if val < best[0]:
-            best = (val, copy.deepcopy(csa.state_dict()))
-        if step >= total:
-            break
     csa.load_state_dict(best[1])
     csa.eval().requires_grad_(False)
     return history

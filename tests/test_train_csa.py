@@ -146,18 +146,26 @@ def test_smoke_training_run_lowers_the_loss(tmp_path, monkeypatch):
     metrics = train_main([
         "--model", "tiny-random", "--train", str(tmp_path / "train.json"), "--out", str(out),
         "--heldout", "3", "--max-steps", "20", "--epochs", "20", "--batch-tokens", "64",
-        "--lr", "3e-2", "--adapter-rank", "4", "--num-heads", "4",
+        "--lr", "3e-2", "--csa-lr", "3e-2", "--adapter-rank", "4", "--head-mlp", "16",
+        "--num-heads", "4",
         "--eval-contexts", "0", "--bench-contexts", "0",
     ])
     losses = metrics["heldout_loss"]
     assert losses["adapter-only"] < losses["base"] - 0.5
-    assert losses["csa+adapter"] < losses["base"] - 0.5
-    trained = CrossSequenceAttention.load(out, "tiny-random")
-    history = trained.config.meta["history"]
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert trained.config.use_csa and trained.config.meta["trained"][0] == "csa"
-    assert trained.config.meta["metrics"]["heldout_loss"] == losses
+    # CSA starts from the trained adapter as the identity and keeps its best weights
+    assert losses["csa+adapter"] <= losses["adapter-only"]
     control = CrossSequenceAttention.load(f"{out}-adapter-only", "tiny-random")
-    assert not control.config.use_csa and control.config.meta["trained"] == ["lm_head_adapter"]
+    history = control.config.meta["history"]
+    assert history[-1]["train_loss"] < history[1]["train_loss"]
+    assert history[0]["heldout_loss"] == losses["base"]
+    assert not control.config.use_csa
+    assert control.config.meta["trained"] == ["adapter_down", "adapter_up", "head_mlp"]
+    trained = CrossSequenceAttention.load(out, "tiny-random")
+    assert trained.config.use_csa and "o_proj" in trained.config.meta["trained"]
+    assert "head_mlp" not in trained.config.meta["trained"]
+    assert trained.config.meta["metrics"]["heldout_loss"] == losses
+    # the adapter inside the CSA checkpoint is the control's, untouched
+    for name, tensor in control.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], tensor)
     # the features were cached: a second run reads them instead of recomputing
     assert len(list((tmp_path / "cache" / "csa-features").glob("*.pt"))) == 1
