@@ -103,7 +103,7 @@ def test_csa_mixes_rows_of_one_group_at_the_same_step_only(tiny):
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
-    config = CSAConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50,
+    config = CSAConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50, head_mlp=8,
                        base_model="tiny-random", base_fingerprint="abc123",
                        meta={"trained": ["csa", "gate", "lm_head_adapter"], "metrics": {"f1": 0.5}})
     csa = CrossSequenceAttention(config)
@@ -121,6 +121,21 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         CrossSequenceAttention.load(tmp_path, "other-model", "def456", 64)
     with pytest.raises(CheckpointMismatchError, match="hidden size"):
         CrossSequenceAttention.load(tmp_path, "tiny-random", "abc123", 128)
+
+
+def test_head_adapter_starts_as_identity_and_applies_to_every_row():
+    config = CSAConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50, head_mlp=8,
+                       use_csa=False)
+    adapter = CrossSequenceAttention(config)
+    assert not hasattr(adapter, "q_proj")  # no CSA weights in an adapter-only module
+    h, groups = torch.randn(3, 64), torch.tensor([0, 0, 1])
+    active = torch.ones(3, dtype=torch.bool)
+    assert torch.equal(adapter(h, groups, active), h)
+    assert torch.equal(adapter.head_delta(h), torch.zeros(3, 50))
+    torch.nn.init.normal_(adapter.head_mlp[-1].weight)
+    out = adapter(h, groups, active)
+    assert not torch.allclose(out[2], h[2]), "a group of one gets the head MLP too"
+    torch.testing.assert_close(out[2:], adapter(h[2:], groups[2:], active[2:]))
 
 
 def squad_file(path, passages) -> None:
