@@ -158,6 +158,10 @@ def train_csa(adapter, loaded, train_features, heldout, settings, args, base):
     for name in CSA_LAYERS:
         getattr(csa, name).requires_grad_(True)
     fit("csa+adapter", csa, loaded, train_features, heldout, settings)
+    csa.config.meta["adapter"] = {
+        "trained_in": "stage 1, the adapter-only control (frozen in stage 2)",
+        **{key: adapter.config.meta[key] for key in ("trained", "settings", "best")},
+    }
     return csa
 
 

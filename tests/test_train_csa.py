@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model.checkpoints import shipped_checkpoint
 from model.csa import CheckpointMismatchError, CrossSequenceAttention, CSAConfig
 from model.tiny import build_tiny_model
 from model.train_csa import main as train_main
@@ -184,3 +186,57 @@ def test_smoke_training_run_lowers_the_loss(tmp_path, monkeypatch):
         assert torch.equal(trained.state_dict()[name], tensor)
     # the features were cached: a second run reads them instead of recomputing
     assert len(list((tmp_path / "cache" / "csa-features").glob("*.pt"))) == 1
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "model" / "checkpoints"
+
+
+def test_shipped_checkpoints_are_small_and_describe_themselves():
+    csa_dir = shipped_checkpoint("SmolLM2-135M-Instruct")
+    assert csa_dir == SHIPPED_DIR / "smollm2-135m-instruct"
+    control_dir = SHIPPED_DIR / "smollm2-135m-instruct-adapter-only"
+    for directory, use_csa in ((csa_dir, True), (control_dir, False)):
+        assert sum(f.stat().st_size for f in directory.iterdir()) <= 10_000_000
+        config = CSAConfig(**json.loads((directory / "config.json").read_text()))
+        assert config.use_csa is use_csa
+        assert (config.base_model, config.hidden_size) == ("SmolLM2-135M-Instruct", 576)
+        assert len(config.base_fingerprint) == 64
+        meta = config.meta
+        assert meta["trained"] and meta["settings"] and meta["train_args"]["train"]
+        assert set(meta["metrics"]["bench"]) == {"base", "adapter-only", "csa+adapter"}
+        assert meta["data"]["heldout_passages"] > 0
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_loads_on_the_embedded_model_and_keeps_g1_answers():
+    from model.engine import GroupedEngine, Member
+    from model.loading import load_model, weights_fingerprint
+    from model.prompts import encode_chat, extract_answer, question_messages
+    from model.sampling import SamplingParams
+
+    loaded = load_model()
+    fingerprint = weights_fingerprint(loaded.model)
+    csa = CrossSequenceAttention.load(
+        shipped_checkpoint(loaded.name), loaded.name, fingerprint, 576
+    )
+    control = CrossSequenceAttention.load(
+        SHIPPED_DIR / "smollm2-135m-instruct-adapter-only", loaded.name, fingerprint, 576
+    )
+    passage = PASSAGES[1]
+    prompts = [encode_chat(loaded.tokenizer, question_messages(passage.context, q.question))
+               for q in passage.questions]
+
+    def answers(module, groups):
+        engine = GroupedEngine(loaded.model, loaded.tokenizer, module)
+        members = [[Member(prompts[i], SamplingParams(max_tokens=24), tag=i) for i in g]
+                   for g in groups]
+        texts = {}
+        for event in engine.generate(members):
+            texts[event.member.tag] = texts.get(event.member.tag, "") + event.text
+        return [texts[i] for i in range(len(prompts))]
+
+    singles = [[i] for i in range(len(prompts))]
+    # at G=1 CSA has no peer, and the CSA checkpoint carries the control's adapter unchanged
+    assert answers(csa, singles) == answers(control, singles)
+    grouped = answers(csa, [list(range(len(prompts)))])
+    assert all(extract_answer(text) is not None for text in grouped)
