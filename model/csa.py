@@ -15,7 +15,8 @@ a residual MLP on the LM head's input, h'' = h' + W4 GELU(W3 LN(h') + b3) + b4 (
 zero), applied at the end of `forward` for every row (groups of one too); and a low-rank delta
 (h'' A) B added to the logits by `head_delta` (B starts at zero).
 
-A checkpoint is a directory with `csa.safetensors` and `config.json`.
+A checkpoint is a directory with `csa.safetensors` and `config.json`; the shipped ones store
+the weights in fp16.
 """
 
 from __future__ import annotations
@@ -143,10 +144,16 @@ class CrossSequenceAttention(nn.Module):
             return None
         return self.adapter_up(self.adapter_down(h))
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Writes the checkpoint; floating-point weights are stored in `dtype` when given (half
+        precision halves the size; `load` returns them in fp32, the module's own dtype)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        state = {
+            name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+            .detach().contiguous().cpu()
+            for name, t in self.state_dict().items()
+        }
         save_file(state, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 

@@ -15,10 +15,11 @@ them. Two stages, fp32 master weights, AdamW:
   2. CSA + gate on top of that adapter, which stays frozen: written to `OUT`. At G=1 it is
      exactly the control, so the G>1 rows measure what CSA adds.
 Held-out passages of the train file give the validation loss (the best weights are kept, the
-untrained start included) and a generation check; the dev set is never trained on. Checkpoints
-hold the base model id and weights hash, sizes, what is trained, the arguments, history and
-metrics. Finally the three controls (base, adapter alone, CSA + adapter) run on the bench
-selection through `python -m bench.engine_bench`.
+untrained start included) and a generation check; the dev set is never trained on. Weights are
+stored in fp16 (`--save-dtype`) and evaluated as stored. Checkpoints hold the base model id and
+weights hash, sizes, what is trained, the arguments, history and metrics. Finally the three
+controls (base, adapter alone, CSA + adapter) run on the bench selection through
+`python -m bench.engine_bench`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from model.train_loop import TrainSettings, train
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "squad"
 DEFAULT_TRAIN = DATA_DIR / "train-v1.1-first11.json"
 ADAPTER_SUFFIX = "-adapter-only"  # the control's checkpoint sits next to the CSA one
+SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 CSA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "norm_h", "norm_a", "gate_in", "gate_out")
 
 
@@ -65,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-tokens", type=int, default=TrainSettings.batch_tokens)
     parser.add_argument("--max-group", type=int, default=TrainSettings.max_group)
     parser.add_argument("--max-steps", type=int, default=0, help="stop each stage after N steps")
-    parser.add_argument("--adapter-rank", type=int, default=8, help="low-rank logits delta")
-    parser.add_argument("--head-mlp", type=int, default=256, help="head MLP width (0: none)")
+    parser.add_argument("--adapter-rank", type=int, default=32, help="low-rank logits delta")
+    parser.add_argument("--head-mlp", type=int, default=1024, help="head MLP width (0: none)")
     parser.add_argument("--num-heads", type=int, default=8)
     parser.add_argument("--passages-per-batch", type=int, default=4, help="feature forwards")
     parser.add_argument("--eval-contexts", type=int, default=20, help="held-out generation")
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bench-contexts", type=int, default=20, help="0 skips the bench")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="recompute the features")
+    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16",
+                        help="dtype of the stored weights (float16 halves the checkpoint)")
     return parser.parse_args(argv)
 
 
@@ -165,6 +169,12 @@ def train_csa(adapter, loaded, train_features, heldout, settings, args, base):
     return csa
 
 
+def stored(module: CrossSequenceAttention, path: Path, dtype: torch.dtype):
+    """Saves `module` to `path` and reads it back."""
+    module.save(path, dtype)
+    return CrossSequenceAttention.load(path)
+
+
 def heldout_generation(loaded, modules: dict, passages, args) -> dict:
     """EM/F1 of every control on the held-out passages with at least five questions."""
     chosen = [p for p in passages if len(p.questions) >= 5][: args.eval_contexts]
@@ -244,8 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
         "base": adapter.config.meta["history"][0]["heldout_loss"],
         **{name: m.config.meta["best"]["heldout_loss"] for name, m in modules.items()},
     }}
-    for name, module in modules.items():
-        module.save(paths[name])
+    # evaluated as stored: the weights in the checkpoint files, not the fp32 masters
+    modules = {name: stored(module, paths[name], SAVE_DTYPES[args.save_dtype])
+               for name, module in modules.items()}
     if args.eval_contexts:
         metrics["heldout"] = heldout_generation(loaded, {"base": None, **modules},
                                                 [passages[i] for i in heldout_ids], args)
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["total_seconds"] = round(time.perf_counter() - began, 1)
     for name, module in modules.items():
         module.config.meta["metrics"] = metrics
-        module.save(paths[name])  # again: the config now holds the metrics
+        module.save(paths[name], SAVE_DTYPES[args.save_dtype])  # again, with the metrics
     print(f"\ncheckpoints: {', '.join(str(p) for p in paths.values())}; "
           f"{metrics['total_seconds']:.0f} s in all")
     return metrics

@@ -113,6 +113,19 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.config == csa.config
 
 
+def test_half_precision_checkpoint_is_half_the_size_and_loads_as_fp32(tmp_path):
+    csa = trained_like(adapter_rank=4, vocab_size=50)
+    csa.save(tmp_path / "fp32")
+    csa.save(tmp_path / "fp16", torch.float16)
+    sizes = [(tmp_path / name / "csa.safetensors").stat().st_size for name in ("fp32", "fp16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    loaded = CrossSequenceAttention.load(tmp_path / "fp16")
+    for name, tensor in csa.state_dict().items():
+        assert loaded.state_dict()[name].dtype == torch.float32
+        assert torch.equal(loaded.state_dict()[name], tensor.half().float())
+    assert not torch.equal(loaded.q_proj.weight, csa.q_proj.weight)  # it really was rounded
+
+
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     trained_like(base_model="model-a", base_fingerprint="aaaa").save(tmp_path)
     with pytest.raises(CheckpointMismatchError, match="hidden size 32"):
