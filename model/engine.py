@@ -99,7 +99,9 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids [B, L], mask [B, L] (1 = real token), L = longest sequence."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -185,14 +187,14 @@ class GroupedEngine:
         row_prefix = torch.tensor([prefix_lengths[r.group_index] for r in rows], device=device)
         if max(prefix_lengths) > 0:
             prefixes = [list(g[0].prompt_ids[:n]) for g, n in zip(groups, prefix_lengths)]
-            ids, mask = _left_pad(prefixes, self.pad_id, device)
+            ids, mask = left_pad(prefixes, self.pad_id, device)
             self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
             cache.batch_select_indices(group_of_row)  # one copy of its group's prefix per row
             prefix_mask = mask[group_of_row]
         else:
             prefix_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)
         suffixes = [list(r.member.prompt_ids[prefix_lengths[r.group_index] :]) for r in rows]
-        ids, suffix_mask = _left_pad(suffixes, self.pad_id, device)
+        ids, suffix_mask = left_pad(suffixes, self.pad_id, device)
         # [B, S]: positions continue after each row's real prefix; pads get a dummy position
         positions = row_prefix[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([prefix_mask, suffix_mask], dim=-1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from model.engine import shared_prefix_length
+from model.engine import left_pad, shared_prefix_length
 from model.prompts import encode_chat, question_messages
 
 FEATURES_VERSION = 1  # bump when the layout of the cached features changes
@@ -122,18 +122,6 @@ def make_examples(tokenizer, passages: Sequence[Passage]) -> list[Example]:
     ]
 
 
-def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """-> ids [B, L], mask [B, L] (1 = real token), L = the longest sequence."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def answer_hidden_states(
     body, groups: Sequence[Sequence[Example]], pad_id: int
@@ -152,7 +140,7 @@ def answer_hidden_states(
     cache = DynamicCache(config=body.config)
     prefixes = [group[0].prompt_ids[:n] for group, n in zip(groups, prefix_lengths)]
     if max(prefix_lengths) > 0:
-        ids, mask = _left_pad(prefixes, pad_id)
+        ids, mask = left_pad(prefixes, pad_id)
         body(
             input_ids=ids.to(device), attention_mask=mask.to(device),
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
@@ -164,7 +152,7 @@ def answer_hidden_states(
         prefix_mask = torch.zeros((len(examples), 0), dtype=torch.long)
     row_prefix = [prefix_lengths[g] for g in group_of_row.tolist()]
     suffixes = [(e.prompt_ids + e.target_ids[:-1])[n:] for e, n in zip(examples, row_prefix)]
-    ids, suffix_mask = _left_pad(suffixes, pad_id)
+    ids, suffix_mask = left_pad(suffixes, pad_id)
     # [B, S]: positions continue after each row's real prefix; pads get a dummy position
     positions = torch.tensor(row_prefix)[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
     out = body(
