@@ -1,92 +1,43 @@
-"""Grouped generation: the only place where requests become tensors.
+"""The step-level engine: the only place where requests become tensors.
 
-A batch holds one or more groups; a group holds members (questions) whose prompts share a
-token prefix. For a batch:
-  1. the shared prefix of every group (longest common token prefix of its members' prompts)
-     is prefilled once, the groups left-padded against each other;
-  2. the prefix KV cache is expanded to one row per member;
-  3. the rest of every prompt (the suffix) is prefilled in one left-padded forward pass whose
-     position ids continue each row's real positions and skip the pads;
-  4. decoding feeds one token per row; CSA mixes the newest hidden states within each group
-     and the LM head runs on that one position. Finished rows leave the batch.
+`add(group)` queues a group of members (questions whose prompts share a prefix); `step()` runs
+one forward pass and returns the token events it produced. Between any two steps new groups
+are admitted and finished or aborted rows leave, so no request waits for another's whole
+generation. One step:
+  1. admit waiting groups, oldest first, while the worst case of the next one (its uncached
+     prefix + every member's rest of prompt + max_tokens) fits in the KV pool; a group is
+     admitted whole. Its shared prefix (longest common prefix of its prompts) is matched
+     against the prefix cache; only the unmatched part is computed, once, into a new node;
+  2. take up to `max_prefill_tokens` of queued prefill work (shared prefixes, then each row's
+     rest of prompt), in order, and one decode token of every generating row;
+  3. run them as one flat batch through the forward pass;
+  4. a group whose rows all finished their prompt starts generating: its rows decode in
+     lockstep (CSA sees its peers at the same step), and leave one by one.
 With CSA off (or untrained) every member gets exactly the tokens that decoding its prompt
-alone would give: grouping changes the cost, never the content.
+alone would give: grouping and caching change the cost, never the content.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
 
+from model.batch import Chunk, Group, PrefillJob, Row, build_step, extents
 from model.csa import CrossSequenceAttention
-from model.sampling import SamplingParams, make_generator, sample_token
+from model.forward import DecoderForward
+from model.kv_pool import KVPool
+from model.prefix_cache import PrefixCache
+from model.request import EngineInputError, Member, Status, TokenEvent, Usage
+from model.sampling import make_generator, sample_token
 from model.text_stream import TextStream
 
+__all__ = ["EngineInputError", "GroupedEngine", "Member", "TokenEvent", "Usage"]
 
-class EngineInputError(ValueError):
-    """A request the engine cannot serve as asked; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass(eq=False)
-class Member:
-    """One question of a group: its prompt, its sampling params and a handle for the caller."""
-
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    tag: object = None  # echoed back in events, for the caller to route them
-    _aborted: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def abort(self) -> None:
-        """Thread-safe: the member finishes at the next step with reason "abort"."""
-        self._aborted.set()
-
-    @property
-    def is_aborted(self) -> bool:
-        return self._aborted.is_set()
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int  # the whole prompt: what an API bills
-    cached_tokens: int  # prompt tokens reused from the group's shared prefix, not recomputed
-    completion_tokens: int
-
-    @property
-    def computed_prompt_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    member: Member
-    token_id: int | None  # None when a member ends without a new token (abort)
-    text: str  # newly released text, possibly empty
-    finish_reason: str | None = None  # "stop", "length" or "abort" on a member's last event
-    usage: Usage | None = None  # on a member's last event
-
-
-@dataclass(eq=False)
-class _Row:
-    """Decoding state of one member."""
-
-    member: Member
-    group_index: int
-    cached_tokens: int
-    stream: TextStream
-    generator: torch.Generator | None
-    stop_token_ids: frozenset[int]
-    output_ids: list[int] = field(default_factory=list)
-
-    def usage(self) -> Usage:
-        return Usage(len(self.member.prompt_ids), self.cached_tokens, len(self.output_ids))
+DEFAULT_KV_CACHE_MB = {"cpu": 1024, "cuda": 8192}
+DEFAULT_MAX_PREFILL_TOKENS = 512
+POOL_CONTEXTS = 16  # a default pool never holds more than this many full contexts
 
 
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
@@ -114,20 +65,55 @@ def left_pad(
 
 
 class GroupedEngine:
-    def __init__(self, model, tokenizer, csa: CrossSequenceAttention | None = None):
+    """Not thread-safe: one thread calls `add` and `step`; `Member.abort` is safe from any."""
+
+    def __init__(self, model, tokenizer, csa: CrossSequenceAttention | None = None, *,
+                 kv_cache_mb: float | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.model = model
         self.tokenizer = tokenizer
         self.csa = csa.to(model.device, model.dtype) if csa is not None else None
-        self.body = model.get_decoder()  # transformer without LM head; output is final-normed
+        self.forward = DecoderForward(model)
         self.lm_head = model.get_output_embeddings()
         self.max_context = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer))
+        self.max_prefill_tokens = max_prefill_tokens
+        self.pool = self._make_pool(kv_cache_mb)
+        self.cache = PrefixCache(self.pool.slots)
+        self._waiting: deque[Group] = deque()
+        self._running: list[Group] = []
+        self._jobs: deque[PrefillJob] = deque()
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the cache (as vLLM)
+        self.prefix_cache_hits = 0  # of those, tokens served from the cache
+
+    def _make_pool(self, kv_cache_mb: float | None) -> KVPool:
+        shape, dtype = self.forward.pool_shape, self.model.dtype
+        if kv_cache_mb is not None:
+            return KVPool.with_megabytes(shape, kv_cache_mb, dtype, self.device)
+        megabytes = DEFAULT_KV_CACHE_MB.get(self.device.type, DEFAULT_KV_CACHE_MB["cpu"])
+        capacity = int(megabytes * 2**20) // shape.bytes_per_token(dtype)
+        return KVPool(shape, min(capacity, POOL_CONTEXTS * self.max_context), dtype, self.device)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting) or not all(_is_done(g) for g in self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(g.members) for g in self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the pool held by running sequences (cached, evictable prefixes excluded)."""
+        idle = self.pool.slots.num_free + self.cache.evictable_tokens()
+        return 1.0 - idle / self.pool.capacity
+
+    # --- what callers may ask ------------------------------------------------------------
 
     def check_member(self, member: Member) -> None:
         """Raises EngineInputError for a member that cannot be served as asked."""
@@ -147,125 +133,266 @@ class GroupedEngine:
                 "max_tokens" if len(member.prompt_ids) < self.max_context else "messages",
             )
 
+    def worst_case_tokens(self, members: Sequence[Member]) -> int:
+        """KV slots a group may need at most: its shared prefix once, each member's rest."""
+        prefix = shared_prefix_length([m.prompt_ids for m in members])
+        return prefix + sum(len(m.prompt_ids) - prefix + m.params.max_tokens for m in members)
+
+    def check_group(self, members: Sequence[Member]) -> None:
+        if not members:
+            raise EngineInputError("a group has no members")
+        for member in members:
+            self.check_member(member)
+        needed = self.worst_case_tokens(members)
+        if needed > self.pool.capacity:
+            raise EngineInputError(
+                f"this request may need {needed} tokens of KV cache (every prompt and its "
+                f"max_tokens), more than the server's whole KV cache of {self.pool.capacity} "
+                "tokens (--kv-cache-mb); send fewer questions or a smaller max_tokens",
+                "max_tokens")
+
+    def add(self, members: Sequence[Member], uses_trained_head: bool = True) -> None:
+        """Queues one group; `uses_trained_head`: CSA and the LM-head adapter apply to it."""
+        self.check_group(members)
+        for member in members:
+            member.status = Status.WAITING
+        self._waiting.append(Group(list(members), uses_trained_head))
+
     def generate(self, groups: Sequence[Sequence[Member]]) -> Iterator[TokenEvent]:
-        """Runs a batch of groups to completion, yielding events as tokens are produced."""
-        for index, group in enumerate(groups):
-            if not group:
-                raise EngineInputError(f"group {index} has no members")
-            for member in group:
-                self.check_member(member)
-        if not groups:
-            return
-        rows, prefix_lengths = self._make_rows(groups)
-        hidden, cache, mask, positions = self._prefill(groups, rows, prefix_lengths)
-        yield from self._decode(rows, hidden, cache, mask, positions)
+        """Runs `groups` (and whatever else was added) until they all finish."""
+        for group in groups:
+            self.check_group(group)
+        for group in groups:
+            self.add(group)
+        while self.has_work:
+            events = self.step()
+            if not events and not self._jobs and not any(self._decode_rows()):
+                raise RuntimeError("the engine has waiting groups but cannot admit any")
+            yield from events
 
-    def _make_rows(self, groups) -> tuple[list[_Row], list[int]]:
-        rows, prefix_lengths = [], []
-        for group_index, group in enumerate(groups):
-            prefix = shared_prefix_length([m.prompt_ids for m in group])
-            prefix_lengths.append(prefix)
-            for position, member in enumerate(group):
-                rows.append(
-                    _Row(
-                        member=member,
-                        group_index=group_index,
-                        # the first member pays for the prefix; the others reuse it
-                        cached_tokens=prefix if position else 0,
-                        stream=TextStream(self.tokenizer, member.params.stop),
-                        generator=make_generator(member.params, self.device),
-                        stop_token_ids=self.eos_token_ids | set(member.params.stop_token_ids),
-                    )
-                )
-        return rows, prefix_lengths
+    # --- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _prefill(self, groups, rows: list[_Row], prefix_lengths: list[int]):
-        device = self.device
-        cache = DynamicCache(config=self.model.config)
-        group_of_row = torch.tensor([r.group_index for r in rows], device=device)
-        row_prefix = torch.tensor([prefix_lengths[r.group_index] for r in rows], device=device)
-        if max(prefix_lengths) > 0:
-            prefixes = [list(g[0].prompt_ids[:n]) for g, n in zip(groups, prefix_lengths)]
-            ids, mask = left_pad(prefixes, self.pad_id, device)
-            self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
-            cache.batch_select_indices(group_of_row)  # one copy of its group's prefix per row
-            prefix_mask = mask[group_of_row]
-        else:
-            prefix_mask = torch.zeros((len(rows), 0), dtype=torch.long, device=device)
-        suffixes = [list(r.member.prompt_ids[prefix_lengths[r.group_index] :]) for r in rows]
-        ids, suffix_mask = left_pad(suffixes, self.pad_id, device)
-        # [B, S]: positions continue after each row's real prefix; pads get a dummy position
-        positions = row_prefix[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-        mask = torch.cat([prefix_mask, suffix_mask], dim=-1)
-        hidden = self._forward(ids, mask, positions, cache)
-        next_positions = torch.tensor([len(r.member.prompt_ids) for r in rows], device=device)
-        return hidden, cache, mask, next_positions
+    def step(self) -> list[TokenEvent]:
+        events = self._drop_aborted()
+        self._running = [g for g in self._running if not _is_done(g)]
+        self._admit()
+        decode_rows = self._decode_rows()
+        chunks = self._take_chunks()
+        if not decode_rows and not chunks:
+            return events
+        inputs, decode_rows = build_step(decode_rows, chunks, self.forward.scale,
+                                         self.model.dtype, self.device)
+        hidden = self.forward(inputs, self.pool.kv)
+        ready = list(zip(decode_rows, hidden[: len(decode_rows)]))
+        for row in decode_rows:
+            row.num_fed += 1
+        finished_prompts = iter(hidden[len(decode_rows) :])
+        for chunk in chunks:
+            job = chunk.job
+            job.num_done += chunk.length
+            if job.row is not None:
+                job.row.num_fed += chunk.length
+                if job.is_done:
+                    job.row.hidden = next(finished_prompts)
+            elif job.is_done:
+                self.cache.unlock(job.node)
+        self._jobs = deque(j for j in self._jobs if not (j.is_done or _is_dropped(j)))
+        ready += self._starting_rows()
+        return events + self._sample(ready)
 
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        """-> final normed hidden state of each row's last input token, [B, d]."""
-        out = self.body(
-            input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=cache, use_cache=True,
+    def _admit(self) -> None:
+        while self._waiting and self._try_admit(self._waiting[0]):
+            self._running.append(self._waiting.popleft())
+
+    def _try_admit(self, group: Group) -> bool:
+        """Reserves the group's worst case in the pool and queues its prefill; False (and
+        nothing changed) when it does not fit yet."""
+        prompts = [m.prompt_ids for m in group.members]
+        prefix = shared_prefix_length(prompts)
+        leaf = self.cache.match(group.namespace, prompts[0], prefix)
+        matched = leaf.depth
+        # a fully cached shared prefix: each row may reuse more of its own prompt (the same
+        # question asked again); every prompt's last token always runs, for its logits
+        row_leaves = [self.cache.match_from(leaf, p[prefix:-1]) if matched == prefix else leaf
+                      for p in prompts]
+        for node in row_leaves:
+            self.cache.lock(node)  # nothing on the rows' paths may be evicted from now on
+        sizes = [prefix - matched] + [len(p) - node.depth + m.params.max_tokens
+                                      for p, node, m in zip(prompts, row_leaves, group.members)]
+        starts = self._allocate(sizes)
+        if starts is None:
+            for node in row_leaves:
+                self.cache.unlock(node)
+            return False
+        if prefix > matched:
+            tokens = prompts[0][matched:prefix]
+            job = PrefillJob(tokens, starts[0], matched, extents(leaf))
+            node = job.node = self.cache.add(leaf, tokens, starts[0], job)
+            self.cache.lock(node)  # the job's lock, released when it is done
+            for _ in row_leaves:
+                self.cache.lock(node)  # the rows' locks move down to the new node
+                self.cache.unlock(leaf)
+            row_leaves = [node] * len(row_leaves)
+            self._jobs.append(job)
+        group.prefix_length = prefix
+        for index, (member, row_leaf, start, size) in enumerate(
+                zip(group.members, row_leaves, starts[1:], sizes[1:])):
+            # served from the cache, or computed once for the group by its first member
+            cached = row_leaf.depth - (prefix - matched if index == 0 else 0)
+            row = self._make_row(member, group, row_leaf, start, size, cached)
+            row.job = PrefillJob(row.suffix, start, row_leaf.depth, extents(row_leaf), row=row)
+            self._jobs.append(row.job)
+            group.rows.append(row)
+            self.prefix_cache_queries += len(member.prompt_ids)
+            self.prefix_cache_hits += cached
+        return True
+
+    def _allocate(self, sizes: list[int]) -> list[int] | None:
+        """One extent per size, or None (and nothing taken) if they do not all fit."""
+        starts: list[int] = []
+        for size in sizes:
+            start = self.cache.allocate(size)
+            if start is None:
+                for taken, taken_size in zip(starts, sizes):
+                    self.pool.slots.free(taken, taken_size)
+                return None
+            starts.append(start)
+        return starts
+
+    def _make_row(self, member: Member, group: Group, leaf, start: int, capacity: int,
+                  cached: int) -> Row:
+        member.status = Status.PREFILL
+        return Row(
+            member=member, group=group, leaf=leaf, suffix=list(member.prompt_ids[leaf.depth :]),
+            tail_start=start, tail_capacity=capacity, cached_tokens=cached,
+            stream=TextStream(self.tokenizer, member.params.stop),
+            generator=make_generator(member.params, self.device),
+            stop_token_ids=self.eos_token_ids | set(member.params.stop_token_ids),
         )
-        return out.last_hidden_state[:, -1]
 
-    @torch.inference_mode()
-    def _decode(self, rows, hidden, cache, mask, positions) -> Iterator[TokenEvent]:
-        device = self.device
-        group_ids = torch.tensor([r.group_index for r in rows], device=device)
-        while True:
-            tokens = self._next_tokens(rows, hidden, group_ids)
-            keep = []
-            for index, (row, token) in enumerate(zip(rows, tokens)):
-                event = self._advance(row, token)
-                yield event
-                if event.finish_reason is None:
-                    keep.append(index)
-            if not keep:
-                return
-            if len(keep) < len(rows):  # finished rows leave the batch, CSA included
-                select = torch.tensor(keep, device=device)
-                cache.batch_select_indices(select)
-                rows = [rows[i] for i in keep]
-                mask, positions, group_ids = mask[select], positions[select], group_ids[select]
-            ids = torch.tensor([[r.output_ids[-1]] for r in rows], device=device)
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-            hidden = self._forward(ids, mask, positions[:, None], cache)
-            positions = positions + 1
+    def _decode_rows(self) -> list[Row]:
+        return [r for g in self._running for r in g.rows if r.output_ids and not r.is_finished]
 
-    def _next_tokens(self, rows: list[_Row], hidden: torch.Tensor, group_ids) -> list[int | None]:
-        """One token per row (None for an aborted row): CSA, LM head, then sampling."""
-        if self.csa is not None:
-            active = torch.ones(len(rows), dtype=torch.bool, device=hidden.device)
-            hidden = self.csa(hidden, group_ids, active)
-        logits = self.lm_head(hidden)
-        if self.csa is not None and (delta := self.csa.head_delta(hidden)) is not None:
-            logits = logits + delta
+    def _take_chunks(self) -> list[Chunk]:
+        """Queued prefill work, in order, up to the step's token budget."""
+        chunks, budget = [], self.max_prefill_tokens
+        for job in self._jobs:
+            if budget <= 0:
+                break
+            if _is_dropped(job):
+                continue
+            length = min(job.num_left, budget)
+            chunks.append(Chunk(job, length))
+            budget -= length
+        return chunks
+
+    def _starting_rows(self) -> list[tuple[Row, torch.Tensor]]:
+        """Rows of groups whose every prompt is now computed: they get their first token."""
+        starting = []
+        for group in self._running:
+            rows = [r for r in group.rows if not r.is_finished]
+            if rows and all(r.hidden is not None for r in rows):
+                for row in rows:
+                    starting.append((row, row.hidden))
+                    row.hidden = None
+                    row.member.status = Status.DECODE
+        return starting
+
+    # --- tokens out ------------------------------------------------------------------------
+
+    def _sample(self, ready: list[tuple[Row, torch.Tensor]]) -> list[TokenEvent]:
+        if not ready:
+            return []
+        rows = [row for row, _ in ready]
+        logits = self._logits(rows, torch.stack([h for _, h in ready]))
         greedy = logits.argmax(dim=-1).tolist()
-        tokens: list[int | None] = []
+        events = []
         for index, row in enumerate(rows):
-            if row.member.is_aborted:
-                tokens.append(None)
-            elif row.member.params.is_greedy:
-                tokens.append(greedy[index])
-            else:
-                tokens.append(sample_token(logits[index], row.member.params, row.generator))
-        return tokens
+            params = row.member.params
+            try:
+                token = (greedy[index] if params.is_greedy
+                         else sample_token(logits[index], params, row.generator))
+                events.append(self._advance(row, token))
+            except Exception as exc:  # noqa: BLE001 - one member's failure ends that member only
+                events.append(self._finish(row, None, "", "error",
+                                           f"{type(exc).__name__}: {exc}"))
+        return events
 
-    def _advance(self, row: _Row, token: int | None) -> TokenEvent:
+    def _logits(self, rows: list[Row], hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head; for rows of groups that chose grouped QA, CSA and the adapter first."""
+        if self.csa is None:
+            return self.lm_head(hidden)
+        trained = [i for i, r in enumerate(rows) if r.group.uses_trained_head]
+        if not trained:
+            return self.lm_head(hidden)
+        index = torch.tensor(trained, device=hidden.device)
+        group_ids = torch.tensor([rows[i].group.serial for i in trained], device=hidden.device)
+        active = torch.ones(len(trained), dtype=torch.bool, device=hidden.device)
+        mixed = self.csa(hidden[index], group_ids, active)
+        hidden = hidden.index_copy(0, index, mixed)
+        logits = self.lm_head(hidden)
+        delta = self.csa.head_delta(mixed)
+        if delta is not None:
+            logits[index] += delta
+        return logits
+
+    def _advance(self, row: Row, token: int) -> TokenEvent:
         """Appends `token` to `row` and decides whether the row has finished."""
-        if token is None:
-            return TokenEvent(row.member, None, "", "abort", row.usage())
         row.output_ids.append(token)
         if token in row.stop_token_ids:
-            return TokenEvent(row.member, token, row.stream.flush(), "stop", row.usage())
+            return self._finish(row, token, row.stream.flush(), "stop")
         text = row.stream.add(token)
         if row.stream.is_stopped:
-            return TokenEvent(row.member, token, text, "stop", row.usage())
+            return self._finish(row, token, text, "stop")
         if len(row.output_ids) >= row.member.params.max_tokens:
-            return TokenEvent(row.member, token, text + row.stream.flush(), "length", row.usage())
+            return self._finish(row, token, text + row.stream.flush(), "length")
         return TokenEvent(row.member, token, text)
+
+    def _finish(self, row: Row, token: int | None, text: str, reason: str,
+                error: str | None = None) -> TokenEvent:
+        """Ends a row: what it computed stays in the prefix cache, the rest of its extent is
+        freed, and its path may be evicted once no one else uses it."""
+        row.is_finished = True
+        row.member.status = Status.FINISHED
+        computed = row.own_tokens[: row.num_fed]
+        self.cache.insert(row.leaf, computed, row.tail_start)
+        self.pool.slots.free(row.tail_start + row.num_fed, row.tail_capacity - row.num_fed)
+        self.cache.unlock(row.leaf)
+        usage = Usage(len(row.member.prompt_ids), row.cached_tokens, len(row.output_ids))
+        return TokenEvent(row.member, token, text, reason, usage, error)
+
+    def _drop_aborted(self) -> list[TokenEvent]:
+        events = []
+        for group in self._running:
+            for row in group.rows:
+                if not row.is_finished and row.member.is_aborted:
+                    events.append(self._finish(row, None, "", "abort"))
+        for group in list(self._waiting):
+            aborted = [m for m in group.members if m.is_aborted]
+            for member in aborted:
+                member.status = Status.FINISHED
+                usage = Usage(len(member.prompt_ids), 0, 0)
+                events.append(TokenEvent(member, None, "", "abort", usage))
+            group.members = [m for m in group.members if not m.is_aborted]
+            if not group.members:
+                self._waiting.remove(group)
+        return events
+
+    def abort_all(self) -> Iterable[TokenEvent]:
+        """Ends everything (shutdown)."""
+        for group in [*self._waiting, *self._running]:
+            for member in group.members:
+                member.abort()
+        return self._drop_aborted()
+
+
+def _is_dropped(job: PrefillJob) -> bool:
+    return job.row is not None and job.row.is_finished
+
+
+def _is_done(group: Group) -> bool:
+    return all(r.is_finished for r in group.rows)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -83,22 +83,52 @@ def test_prompts_in_a_group_really_differ_in_length(tiny):
     assert len(lengths) == 5
 
 
+def count_prompt_tokens_run(engine: GroupedEngine) -> list[int]:
+    """Wraps the engine's forward pass: the returned list grows by the prompt tokens (prefill
+    blocks) each step really runs through the model."""
+    counts, forward = [], engine.forward
+
+    def counting(step, kv):
+        counts.append(sum(block.n for block in step.plan.prefill))
+        return forward(step, kv)
+
+    engine.forward = counting
+    engine.forward.scale = forward.scale
+    return counts
+
+
+def common_length(a, b) -> int:
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
 def test_usage_adds_up_to_the_tokens_really_computed(tiny):
     engine = GroupedEngine(tiny.model, tiny.tokenizer)
+    counts = count_prompt_tokens_run(engine)
     groups = make_groups(tiny, [4, 1, 2], max_tokens=6)
     results = run(engine, groups)
+    usages = [results[m]["usage"] for g in groups for m in g]
+    assert sum(u.prompt_tokens for u in usages) == sum(len(m.prompt_ids) for g in groups for m in g)
+    assert sum(u.computed_prompt_tokens for u in usages) == sum(counts)
+    # each group computes its shared prefix once, less what an earlier group already holds
+    # (the common system prompt), and every member its own rest of prompt
+    expected, earlier = 0, []
     for group in groups:
         prompts = [m.prompt_ids for m in group]
         prefix = shared_prefix_length(prompts)
-        assert prefix > 0
-        usages = [results[m]["usage"] for m in group]
-        computed = prefix + sum(len(p) - prefix for p in prompts)
-        assert sum(u.prompt_tokens for u in usages) == sum(len(p) for p in prompts)
-        assert sum(u.computed_prompt_tokens for u in usages) == computed
-        assert usages[0].cached_tokens == 0
-        assert all(u.cached_tokens == (prefix if len(group) > 1 else 0) for u in usages[1:])
-        for member, usage in zip(group, usages):
+        reused = max((common_length(prompts[0][:prefix], e) for e in earlier), default=0)
+        expected += prefix - reused + sum(len(p) - prefix for p in prompts)
+        earlier.append(prompts[0][:prefix])
+        group_usages = [results[m]["usage"] for m in group]
+        assert group_usages[0].cached_tokens == reused
+        assert all(u.cached_tokens == prefix for u in group_usages[1:])
+        for member, usage in zip(group, group_usages):
             assert usage.completion_tokens == len(results[member]["ids"])
+    assert expected == sum(counts)
+    assert results[groups[0][0]]["usage"].cached_tokens == 0
+    assert results[groups[1][0]]["usage"].cached_tokens > 0, "the system prompt is reused"
 
 
 def test_shared_prefix_leaves_every_prompt_a_suffix():

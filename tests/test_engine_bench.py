@@ -10,7 +10,8 @@ from bench.engine_bench import main
 def test_bench_reports_consistent_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = main(["--model", "tiny-random", "--contexts", "2", "--group-sizes", "1,2,5",
-                   "--csa", "untrained", "--max-tokens", "4", "--json", str(out)])
+                   "--csa", "untrained", "--max-tokens", "4", "--prefix-cache", "off",
+                   "--json", str(out)])
     assert json.loads(out.read_text()) == report
     rows = {row["group_size"]: row for row in report["results"]}
     assert [rows[g]["num_groups"] for g in (1, 2, 5)] == [10, 6, 2]
@@ -23,3 +24,13 @@ def test_bench_reports_consistent_rows(tmp_path, capsys):
     assert rows[1]["answers"] == rows[2]["answers"] == rows[5]["answers"]
     table = capsys.readouterr().out
     assert "| G |" in table and f"{rows[5]['prompt_tokens_computed']:,}" in table
+
+
+def test_the_prefix_cache_shares_a_passage_between_groups(capsys):
+    args = ["--model", "tiny-random", "--contexts", "2", "--group-sizes", "1", "--csa", "off",
+            "--max-tokens", "4"]
+    cold = main([*args, "--prefix-cache", "off"])["results"][0]
+    warm = main(args)["results"][0]
+    assert warm["prompt_tokens_billed"] == cold["prompt_tokens_billed"]
+    assert warm["prompt_tokens_computed"] < cold["prompt_tokens_computed"] / 2
+    assert warm["answers"] == cold["answers"]

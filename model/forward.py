@@ -1,0 +1,88 @@
+"""A lean forward pass of a Llama-family decoder (Llama, SmolLM2, Qwen2 with its q/k/v biases)
+over a loaded transformers model's own modules, reading and writing the KV pool.
+
+One call runs one engine step: the new tokens of every running sequence, flattened into one
+batch of T tokens with no padding (decode rows, then prefill chunks). Linear layers, norms and
+the MLP see [T, d]; each token's key and value go to its pool slot before attention, so
+attention reads everything (old and new) from the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.attention import AttentionPlan, attend
+from model.kv_pool import PoolShape
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class UnsupportedModelError(ValueError):
+    """The engine's forward does not know this architecture."""
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] pool slot where each token's key and value go
+    plan: AttentionPlan
+    output_index: torch.Tensor  # [N] which tokens' final hidden states are returned
+
+
+class DecoderForward:
+    def __init__(self, model: nn.Module):
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"the engine runs Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)}), "
+                f"not {config.model_type!r}")
+        if getattr(config, "use_sliding_window", False):
+            raise UnsupportedModelError("sliding-window attention is not supported")
+        body = model.get_decoder()
+        self.embed = body.embed_tokens
+        self.layers = list(body.layers)
+        self.norm = body.norm
+        self.rotary = body.rotary_emb
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None)
+                            or config.hidden_size // config.num_attention_heads)
+        self.scale = self.head_dim**-0.5
+
+    @property
+    def pool_shape(self) -> PoolShape:
+        return PoolShape(len(self.layers), self.num_kv_heads, self.head_dim)
+
+    @torch.inference_mode()
+    def __call__(self, step: StepInputs, kv: torch.Tensor) -> torch.Tensor:
+        """kv: the pool tensor [layers, 2, Hkv, slots, D]. Returns the final normed hidden
+        states of the tokens in `step.output_index`, [N, d]."""
+        x = self.embed(step.token_ids)  # [T, d]
+        cos, sin = self.rotary(x, step.positions[None])  # [1, T, D] each
+        cos, sin = cos[0, :, None], sin[0, :, None]
+        num_tokens = x.shape[0]
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attention.q_proj(h).view(num_tokens, self.num_heads, self.head_dim)
+            k = attention.k_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = attention.v_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
+            keys.index_copy_(1, step.slots, k.transpose(0, 1))
+            values.index_copy_(1, step.slots, v.transpose(0, 1))
+            out = attend(q, keys, values, step.plan)
+            x = x + attention.o_proj(out.reshape(num_tokens, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x[step.output_index])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as transformers' `apply_rotary_pos_emb` (rotate-half form)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
