@@ -146,7 +146,8 @@ def _decode_plan(rows: list[Row], paths: dict[Row, list[Node]], dtype: torch.dty
     steps = torch.arange(int(lengths.max()), device=device)
     is_real = steps[None, :] < lengths[:, None]
     tail_index = torch.where(is_real, starts[:, None] + steps[None, :], starts[:, None])
-    tail_mask = torch.zeros(is_real.shape, dtype=dtype, device=device).masked_fill(~is_real, float("-inf"))
+    tail_mask = torch.zeros(is_real.shape, dtype=dtype, device=device)
+    tail_mask.masked_fill_(~is_real, float("-inf"))
     return DecodePlan(len(rows), tuple(shared), depth + 1, tail_index,
                       tail_mask[:, None, None, :])
 

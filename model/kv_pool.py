@@ -43,7 +43,7 @@ class SlotAllocator:
     def free(self, start: int, length: int) -> None:
         if length <= 0:
             return
-        assert 0 <= start and start + length <= self.capacity, (start, length)
+        assert start >= 0 and start + length <= self.capacity, (start, length)
         index = bisect.bisect_left(self._starts, start)
         assert index == len(self._starts) or start + length <= self._starts[index], "double free"
         assert index == 0 or self._starts[index - 1] + self._lengths[index - 1] <= start
