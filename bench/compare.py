@@ -2,13 +2,15 @@
 
     python -m bench.compare                                  # starts both, runs all, stops both
     python -m bench.compare --ours URL --peer URL            # servers already running
+    python -m bench.compare --before URL                     # also an earlier build of ours
     python -m bench.compare --scenarios burst,trickle --json compare.json
 
-Each scenario runs on our server, then on llama.cpp's, then the next scenario; every scenario has
-its own passages of the shipped selection (the same for both servers), so none starts with the
-other's passages in a cache. Group hints go to our server only, except in `burst-nohints`;
-llama.cpp gets plain OpenAI requests. One markdown table: per scenario and round, request
-throughput, TTFT p50/p99, E2E p50, computed share of the prompt tokens and F1, with the ratio
+Each scenario runs on our server, then (with --before) on an earlier build of it, then on
+llama.cpp's, then the next scenario; every scenario has its own passages of the shipped selection
+(the same for every server), so none starts with another's passages in a cache. Group hints go
+to our server (either build) only, except in `burst-nohints`; llama.cpp gets plain OpenAI
+requests. One markdown table: per scenario and round, request throughput, TTFT p50/p99, E2E p50,
+computed share of the prompt tokens and F1 on each server, with the ratios ours/before and
 ours/llama.cpp.
 """
 
@@ -36,7 +38,16 @@ from bench.squad_http import ServerError
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO / "bench" / "peers" / "llama_cpp.sh"
-SIDES = ("ours", "llama.cpp")
+OURS, BEFORE, PEER = "ours", "before", "llama.cpp"  # the targets' names, in running order
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server the scenarios run on, under its name in the table and the JSON."""
+
+    name: str
+    url: str
+    hints: bool  # takes group hints: our server, any build (llama.cpp's gets plain requests)
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class Case:
 CASES = (
     Case("burst", "burst", ("--contexts", "8")),
     Case("burst-nohints", "burst", ("--contexts", "8"), hints=False),  # automatic grouping
-    Case("trickle", "trickle", ("--contexts", "4", "--rounds", "2")),
+    Case("trickle", "trickle", ("--contexts", "8", "--rounds", "2")),
     Case("mixed", "mixed", ("--contexts", "4", "--long", "1")),
     Case("rate", "rate", ("--num-requests", "40", "--request-rate", "2")),
 )
@@ -105,32 +116,45 @@ def ratio(ours: float | None, peer: float | None) -> float | None:
     return ours / peer if ours is not None and peer else None
 
 
+def ratio_names(names: list[str]) -> list[str]:
+    """The ratio columns: the first target (ours) over each of the others."""
+    return [f"{names[0]}/{name}" for name in names[1:]]
+
+
 def comparison_rows(case: Case, results: dict[str, dict]) -> list[dict]:
-    """One row per round and figure: ours, llama.cpp, ours/llama.cpp (questions only)."""
+    """One row per round and figure (questions only): the figure on every target, in the order
+    of `results` (ours first), then the ratios ours/other, e.g. {"ours": .., "llama.cpp": ..,
+    "ours/llama.cpp": ..}."""
+    names = list(results)
     rows = []
-    rounds = len(results["ours"]["rounds"])
-    for index, name in enumerate(row_names(case, rounds)):
-        ours, peer = (load.question_summary(results[side]["rounds"][index]) for side in SIDES)
+    rounds = len(results[names[0]]["rounds"])
+    for index, row_name in enumerate(row_names(case, rounds)):
+        summaries = [load.question_summary(results[name]["rounds"][index]) for name in names]
         for figure in FIGURES:
-            rows.append({
-                "scenario": name, "figure": figure.label, "key": figure.key,
-                "ours": ours[figure.key], "llama.cpp": peer[figure.key],
-                "ratio": ratio(ours[figure.key], peer[figure.key]) if figure.has_ratio else None,
-            })
+            values = [summary[figure.key] for summary in summaries]
+            ratios = [ratio(values[0], value) if figure.has_ratio else None
+                      for value in values[1:]]
+            rows.append({"scenario": row_name, "figure": figure.label, "key": figure.key,
+                         **dict(zip(names, values)), **dict(zip(ratio_names(names), ratios))})
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], names: list[str]) -> str:
+    """The rows as markdown: a column per target in `names` (ours first), then the ratios."""
     shows = {figure.key: figure.show for figure in FIGURES}
+    ratios = ratio_names(names)
 
     def cell(value, show) -> str:
         return "-" if value is None else show(value)
 
-    lines = ["| scenario | figure | ours | llama.cpp | ours/llama.cpp |", "|---|---|--:|--:|--:|"]
+    columns = ["scenario", "figure", *names, *ratios]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "--:|" * (len(columns) - 2)]
     for row in rows:
         show = shows[row["key"]]
-        lines.append(f"| {row['scenario']} | {row['figure']} | {cell(row['ours'], show)} | "
-                     f"{cell(row['llama.cpp'], show)} | {cell(row['ratio'], '{:.2f}'.format)} |")
+        cells = [row["scenario"], row["figure"],
+                 *(cell(row[name], show) for name in names),
+                 *(cell(row[name], "{:.2f}".format) for name in ratios)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -191,18 +215,22 @@ def peer_command(extra: str) -> list[str]:
     return ["bash", str(PEER_SCRIPT), *shlex.split(extra)]
 
 
-def server_urls(args: argparse.Namespace, stack: ExitStack) -> dict[str, str]:
-    """The URLs given, or servers started here (stopped when `stack` closes)."""
-    logs = Path(tempfile.mkdtemp(prefix="groupwise-compare-"))
+def server_targets(args: argparse.Namespace, stack: ExitStack) -> list[Target]:
+    """Ours, before (only when --before names it; never started here) and llama.cpp, in the
+    order each scenario runs on them: the URLs given, or servers started here (stopped when
+    `stack` closes)."""
+    logs = None if args.ours and args.peer else Path(tempfile.mkdtemp(prefix="groupwise-compare-"))
     urls = {}
     if args.ours:
-        urls["ours"] = args.ours.rstrip("/")
+        urls[OURS] = args.ours.rstrip("/")
     else:
         port = free_port()
-        urls["ours"] = stack.enter_context(running_server(
-            "ours", our_command(port, args.ours_args), port, logs, args.start_timeout))
+        urls[OURS] = stack.enter_context(running_server(
+            OURS, our_command(port, args.ours_args), port, logs, args.start_timeout))
+    if args.before:
+        urls[BEFORE] = args.before.rstrip("/")
     if args.peer:
-        urls["llama.cpp"] = args.peer.rstrip("/")
+        urls[PEER] = args.peer.rstrip("/")
     else:
         build = subprocess.run(["bash", str(PEER_SCRIPT), "--build-only"])  # once, ~10 min
         if build.returncode != 0:
@@ -210,21 +238,23 @@ def server_urls(args: argparse.Namespace, stack: ExitStack) -> dict[str, str]:
                              f"(status {build.returncode})")
         port = free_port()
         env = os.environ | {"PORT": str(port)}
-        urls["llama.cpp"] = stack.enter_context(running_server(
-            "llama.cpp", peer_command(args.peer_args), port, logs, args.start_timeout, env))
-    return urls
+        urls[PEER] = stack.enter_context(running_server(
+            PEER, peer_command(args.peer_args), port, logs, args.start_timeout, env))
+    return [Target(name, url, hints=name != PEER) for name, url in urls.items()]
 
 
 # --- the run ---
 
 
-def run_case(case: Case, offset: int, urls: dict[str, str], common: list[str]) -> dict:
-    """One scenario on each server in turn -> {side: bench.load result}."""
+def run_case(case: Case, offset: int, targets: list[Target], common: list[str],
+             transports: dict[str, httpx.AsyncBaseTransport] | None = None) -> dict:
+    """One scenario on each target in turn, on the same passages -> {name: bench.load result};
+    `transports` (by target name) stand in for servers in tests."""
     results = {}
-    for side in SIDES:
-        print(f"{case.name} on {side}", file=sys.stderr)
-        args = load_args(case, urls[side], offset, case.hints and side == "ours", common)
-        results[side] = load.run_load(args)
+    for target in targets:
+        print(f"{case.name} on {target.name}", file=sys.stderr)
+        args = load_args(case, target.url, offset, case.hints and target.hints, common)
+        results[target.name] = load.run_load(args, (transports or {}).get(target.name))
     return results
 
 
@@ -242,6 +272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours", help="our server's root URL (default: start one here)")
     parser.add_argument("--peer", help="llama.cpp server's root URL (default: start one here "
                         "with bench/peers/llama_cpp.sh)")
+    parser.add_argument("--before", metavar="URL",
+                        help="root URL of an earlier build of our server, already running (never "
+                        "started here): each scenario then runs on it too, after ours")
     parser.add_argument("--ours-args", default="",
                         help="extra flags for `python -m server`, e.g. \"--threads 2\"")
     parser.add_argument("--peer-args", default="", help="extra flags for llama-server")
@@ -258,7 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None,
+         transports: dict[str, httpx.AsyncBaseTransport] | None = None) -> int:
     args = parse_args(argv)
     cases = [case for case in CASES if case.name in args.scenarios]
     offsets = case_offsets()
@@ -266,21 +300,23 @@ def main(argv: list[str] | None = None) -> int:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runs, rows = [], []
     with ExitStack() as stack:
-        urls = server_urls(args, stack)
+        targets = server_targets(args, stack)
         try:
             for case in cases:
-                results = run_case(case, offsets[case.name], urls, common)
+                results = run_case(case, offsets[case.name], targets, common, transports)
                 runs.append({"scenario": case.name, **results})
                 rows += comparison_rows(case, results)
         except ServerError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-    config = {"urls": urls, "scenarios": [case.name for case in cases],
-              "max_tokens": args.max_tokens, "started_at": started_at}
+    names = [target.name for target in targets]
+    config = {"urls": {target.name: target.url for target in targets},
+              "scenarios": [case.name for case in cases], "max_tokens": args.max_tokens,
+              "started_at": started_at}
     if args.json:
         payload = {"config": config, "rows": rows, "runs": runs}
         Path(args.json).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    print(format_table(rows))
+    print(format_table(rows, names))
     return 0
 
 

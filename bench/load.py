@@ -59,10 +59,9 @@ LONG_SYSTEM_PROMPT = "You are a helpful assistant."
 WARMUP_MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
-def long_prompt(context: str) -> str:
-    """A request whose answer is long by nature: the whole passage retold."""
-    return ("Retell the following passage in full detail, sentence by sentence.\n\n"
-            f"Passage:\n{context}")
+# A request whose answer is long by nature (measured: both servers write until max_tokens;
+# asked to retell a passage, the embedded model stops after a few dozen tokens).
+LONG_REQUEST = "Write the numbers from one to two hundred in words, separated by commas."
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,6 @@ class RequestSpec:
     passage: int  # index of its passage in the shipped selection
     max_tokens: int
     question: Question | None = None  # kind "question"
-    context: str = ""  # kind "long": the passage to retell
     at_s: float = 0.0  # earliest send, seconds after the round starts
     after: int | None = None  # position in the plan of the request whose answer must arrive first
 
@@ -88,7 +86,7 @@ class RequestSpec:
             ]
         return [
             {"role": "system", "content": LONG_SYSTEM_PROMPT},
-            {"role": "user", "content": long_prompt(self.context)},
+            {"role": "user", "content": LONG_REQUEST},
         ]
 
 
@@ -154,12 +152,11 @@ def plan_trickle(passages: list[list[Question]], max_tokens: int) -> list[Reques
     return plan
 
 
-def plan_mixed(passages: list[list[Question]], long_passages: list[tuple[int, str]],
-               max_tokens: int, long_tokens: int, delay_s: float) -> list[RequestSpec]:
+def plan_mixed(passages: list[list[Question]], num_long: int, max_tokens: int,
+               long_tokens: int, delay_s: float) -> list[RequestSpec]:
     """Long generations already running when a burst of short questions arrives: shows
-    whether the questions wait behind them."""
-    longs = [RequestSpec("long", index, long_tokens, context=context)
-             for index, context in long_passages]
+    whether the questions wait behind them. The long ones have no passage (index -1)."""
+    longs = [RequestSpec("long", -1, long_tokens) for _ in range(num_long)]
     return longs + [replace(spec, at_s=delay_s) for spec in plan_burst(passages, max_tokens)]
 
 
@@ -194,11 +191,7 @@ def build_plan(args: argparse.Namespace) -> list[RequestSpec]:
         return plan_burst(passages, args.max_tokens)
     if args.scenario == "trickle":
         return plan_trickle(passages, args.max_tokens)
-    first_long = args.context_offset + args.contexts  # the passages right after the questions'
-    selection = load_selection(first_long + args.long)
-    long_passages = [(index, selection[index]["context"])
-                     for index in range(first_long, first_long + args.long)]
-    return plan_mixed(passages, long_passages, args.max_tokens, args.long_tokens, args.delay)
+    return plan_mixed(passages, args.long, args.max_tokens, args.long_tokens, args.delay)
 
 
 def shipped_passages() -> int:
@@ -206,10 +199,11 @@ def shipped_passages() -> int:
 
 
 def passages_used(args: argparse.Namespace) -> int:
-    """How many passages from --context-offset a run reads (the next run's offset)."""
+    """How many passages from --context-offset a run reads (the next run's offset); mixed's
+    long generations read none."""
     if args.scenario == "rate":
         return math.ceil(args.num_requests / QUESTIONS_PER_CONTEXT)
-    return args.contexts + (args.long if args.scenario == "mixed" else 0)
+    return args.contexts
 
 
 # --- running a plan ---

@@ -27,7 +27,7 @@ import torch
 from model.batch import Chunk, Group, PrefillJob, Row, build_step, extents
 from model.csa import CrossSequenceAttention
 from model.forward import DecoderForward
-from model.kv_pool import KVPool
+from model.kv_pool import KVPool, SlotAllocator
 from model.prefix_cache import PrefixCache
 from model.request import EngineInputError, Member, Status, TokenEvent, Usage
 from model.sampling import make_generator, sample_token
@@ -378,6 +378,18 @@ class GroupedEngine:
             if not group.members:
                 self._waiting.remove(group)
         return events
+
+    def reset(self) -> list[Member]:
+        """Forgets everything (after a failed step): the pool is empty again. Returns the
+        members that were waiting or running, for the caller to fail."""
+        members = [m for g in self._waiting for m in g.members]
+        members += [r.member for g in self._running for r in g.rows if not r.is_finished]
+        for member in members:
+            member.status = Status.FINISHED
+        self.pool.slots = SlotAllocator(self.pool.capacity)
+        self.cache = PrefixCache(self.pool.slots)
+        self._waiting, self._running, self._jobs = deque(), [], deque()
+        return members
 
     def abort_all(self) -> Iterable[TokenEvent]:
         """Ends everything (shutdown)."""

@@ -25,14 +25,20 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def require_api_key(request: Request, services: ServicesDep) -> None:
-    expected = services.settings.api_key
-    if not expected:
+    """Each configured key is a tenant: `request.state.tenant` is the key's index (0 when no
+    key is configured). Tenants never share a group or a cached prefix."""
+    request.state.tenant = 0
+    keys = services.settings.api_keys
+    if not keys:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise APIError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'")
-    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    # every key is compared, so the time taken does not tell which one nearly matched
+    matches = [hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys]
+    if not any(matches):
         raise APIError(401, "incorrect API key")
+    request.state.tenant = matches.index(True)
 
 
 async def require_serving(services: ServicesDep) -> None:

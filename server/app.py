@@ -29,6 +29,7 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> F
     async def lifespan(app: FastAPI):
         services.scheduler = build_scheduler(services)
         services.scheduler.start()
+        services.metrics.track_queue(services.scheduler)
         try:
             yield
         finally:
@@ -46,14 +47,11 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> F
 
 def build_scheduler(services: Services) -> Scheduler:
     settings = services.settings
-    policy = GroupingPolicy(
-        max_group_size=settings.max_group_size,
-        max_wait_s=settings.max_wait_s,
-        max_batch_groups=settings.max_batch_groups,
-        min_prefix_tokens=settings.min_prefix_tokens,
-    )
+    policy = GroupingPolicy(max_group_size=settings.max_group_size,
+                            max_wait_s=settings.max_wait_s)
     worker = EngineWorker(services.engine, services.metrics, asyncio.get_running_loop())
-    return Scheduler(policy, worker, services.metrics, settings.max_queue)
+    return Scheduler(policy, worker, services.metrics, settings.max_queue,
+                     trained_head_for_all=settings.csa_scope == "all")
 
 
 def begin_drain(app: FastAPI) -> None:

@@ -85,7 +85,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, services: Services
 ):
     services.check_model(body.model)
-    request = _enqueue(body, http_request.headers.get("x-group-id"), services)
+    request = _enqueue(body, http_request.headers.get("x-group-id"),
+                       http_request.state.tenant, services)
     watcher = DisconnectWatcher(http_request.receive)
     reply = ChatReply(services.model_name, body.includes_usage_chunk)
     scheduler = services.scheduler
@@ -102,15 +103,19 @@ async def create_chat_completion(
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _enqueue(body: ChatCompletionRequest, header_hint: str | None, services: Services):
-    """Tokenizes, validates (EngineInputError -> 400) and queues (QueueFullError -> 429)."""
+def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
+             services: Services):
+    """Tokenizes, validates (EngineInputError -> 400) and queues (QueueFullError -> 429).
+    The tenant and the cache salt scope both the prefix cache and the group hint."""
     messages = [message.as_template_message() for message in body.messages]
     prompt_ids = encode_chat(services.loaded.tokenizer, messages)
     params = sampling_params(body, len(prompt_ids), services.engine.max_context)
-    member = Member(prompt_ids, params)
-    services.engine.check_member(member)
+    namespace = (tenant, body.cache_salt)
+    member = Member(prompt_ids, params, namespace=namespace)
+    services.engine.check_group([member])
     request = ServerRequest(member, asyncio.Queue())
-    services.scheduler.submit(request, body.group_id or header_hint)
+    hint = body.group_id or header_hint
+    services.scheduler.submit(request, (namespace, hint) if hint else None)
     return request
 
 

@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
+CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
 
 
 class SettingsError(ValueError):
@@ -32,12 +33,13 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    csa_scope: str = "grouped"  # grouped: only requests that chose grouped QA; all: every one
     max_group_size: int = 8
     max_wait_ms: float = 20.0  # how long an open group waits for more members
-    max_batch_groups: int = 8  # groups run together in one engine batch
     max_queue: int = 256  # questions waiting to run; beyond it requests get 429
-    min_prefix_tokens: int = 64  # prompts sharing this many leading tokens group; 0: off
-    api_key: str | None = None
+    kv_cache_mb: float | None = None  # None: the engine's default for the device
+    max_prefill_tokens: int = 512  # prompt tokens computed per engine step
+    api_key: str | None = None  # one key, or a comma-separated list: one tenant per key
     replica_name: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self):
@@ -48,16 +50,27 @@ class Settings:
                  f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _require(self.threads is None or self.threads >= 1,
                  f"threads must be >= 1, got {self.threads}")
-        for name in ("max_group_size", "max_batch_groups", "max_queue"):
+        for name in ("max_group_size", "max_queue", "max_prefill_tokens"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        _require(self.min_prefix_tokens >= 0,
-                 f"min_prefix_tokens must be >= 0, got {self.min_prefix_tokens}")
+        _require(self.kv_cache_mb is None or self.kv_cache_mb > 0,
+                 f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         _require(bool(self.csa), "csa must be 'auto', 'off' or a checkpoint directory")
+        _require(self.csa_scope in CSA_SCOPES,
+                 f"csa_scope must be one of {', '.join(CSA_SCOPES)}, got {self.csa_scope!r}")
+        _require(self.api_key is None or all(self.api_keys),
+                 "api_key must not hold an empty key (check for stray commas)")
 
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000.0
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Each key is a tenant; empty: no authentication."""
+        if self.api_key is None:
+            return ()
+        return tuple(key.strip() for key in self.api_key.split(","))
 
     @property
     def is_csa_off(self) -> bool:
@@ -114,18 +127,24 @@ OPTIONS = (
     Option("dtype", "--dtype", "GROUPWISE_DTYPE", str, "a dtype",
            "auto, float32, bfloat16 or float16"),
     Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads"),
+    Option("csa_scope", "--csa-scope", "GROUPWISE_CSA_SCOPE", str, "a scope",
+           "grouped: CSA and the trained head serve only grouped requests and chat requests "
+           "with a group hint; all: every request"),
     Option("max_group_size", "--max-group-size", "GROUPWISE_MAX_GROUP_SIZE", int, "an integer",
            "most questions in one group"),
     Option("max_wait_ms", "--max-wait-ms", "GROUPWISE_MAX_WAIT_MS", float, "a number",
            "how long an open group waits for more members (ms)"),
-    Option("max_batch_groups", "--max-batch-groups", "GROUPWISE_MAX_BATCH_GROUPS", int,
-           "an integer", "most groups run together in one engine batch"),
     Option("max_queue", "--max-queue", "GROUPWISE_MAX_QUEUE", int, "an integer",
            "most questions waiting; beyond it requests get 429"),
-    Option("min_prefix_tokens", "--min-prefix-tokens", "GROUPWISE_MIN_PREFIX_TOKENS", int,
-           "an integer", "prompts sharing this many leading tokens are grouped (0: off)"),
+    Option("kv_cache_mb", "--kv-cache-mb", "GROUPWISE_KV_CACHE_MB", float, "a number",
+           "size of the KV cache pool in MiB, allocated at start-up (default: 1024 on CPU, "
+           "8192 on CUDA, at most 16 full contexts)"),
+    Option("max_prefill_tokens", "--max-prefill-tokens", "GROUPWISE_MAX_PREFILL_TOKENS", int,
+           "an integer", "most prompt tokens computed in one engine step: longer prompts are "
+           "chunked so running requests keep decoding"),
     Option("api_key", "--api-key", "GROUPWISE_API_KEY", _optional_text, "a key",
-           "if set, every /v1 route needs 'Authorization: Bearer KEY'"),
+           "if set, every /v1 route needs 'Authorization: Bearer KEY'; a comma-separated list "
+           "gives one tenant per key (tenants never share groups or cached prefixes)"),
     Option("replica_name", "--replica-name", "GROUPWISE_REPLICA_NAME", str, "a name",
            "sent in the X-Groupwise-Replica header (default: the host name)"),
 )

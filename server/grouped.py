@@ -103,7 +103,7 @@ async def create_grouped_completion(
     body: GroupedCompletionRequest, http_request: Request, services: Services
 ):
     services.check_model(body.model)
-    requests = _enqueue(body, services)
+    requests = _enqueue(body, http_request.state.tenant, services)
     events = requests[0].events
     watcher = DisconnectWatcher(http_request.receive)
     reply = GroupedReply(services.model_name, body, requests)
@@ -121,20 +121,26 @@ async def create_grouped_completion(
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _enqueue(body: GroupedCompletionRequest, services: Services) -> list[ServerRequest]:
+def _enqueue(body: GroupedCompletionRequest, tenant: int,
+             services: Services) -> list[ServerRequest]:
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                             top_p=body.top_p, seed=body.seed, stop=tuple(body.stop))
+    namespace = (tenant, body.cache_salt)
     events: asyncio.Queue = asyncio.Queue()  # one queue: the events of all questions, in order
     requests = []
     for index, question in enumerate(body.questions):
         messages = question_messages(body.context, question.question, body.system_prompt)
-        member = Member(encode_chat(services.loaded.tokenizer, messages), params)
+        member = Member(encode_chat(services.loaded.tokenizer, messages), params,
+                        namespace=namespace)
         try:
             services.engine.check_member(member)
         except EngineInputError as exc:
             param = "context" if exc.param == "messages" else exc.param
             raise EngineInputError(f"questions[{index}]: {exc}", param) from None
         requests.append(ServerRequest(member, events, index=index))
+    size = services.settings.max_group_size
+    for start in range(0, len(requests), size):  # the groups the scheduler will form
+        services.engine.check_group([r.member for r in requests[start : start + size]])
     services.scheduler.submit_group(requests)
     return requests
 

@@ -60,13 +60,34 @@ class ServerMetrics:
             "groupwise:num_requests_waiting", "Questions waiting in the queue.", registry=r)
         self.num_requests_running = Gauge(
             "groupwise:num_requests_running", "Questions in the batch on the engine.", registry=r)
+        self.kv_cache_usage = Gauge(
+            "groupwise:kv_cache_usage_perc",
+            "Share of the KV pool held by running requests (1 = full; cached prefixes that "
+            "can be evicted do not count).", registry=r)
+        self.prefix_cache_queries = Counter(
+            "groupwise:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            registry=r)
+        self.prefix_cache_hits = Counter(
+            "groupwise:prefix_cache_hits",
+            "Prompt tokens served from the prefix cache or a group's shared prefix.", registry=r)
+        self._engine_counts = (0, 0)  # the engine's cumulative (queries, hits) seen so far
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def set_queue_sizes(self, num_waiting: int, num_running: int) -> None:
-        self.num_requests_waiting.set(num_waiting)
-        self.num_requests_running.set(num_running)
+    def track_queue(self, scheduler) -> None:
+        """The waiting / running gauges read the scheduler when scraped."""
+        self.num_requests_waiting.set_function(lambda: scheduler.num_waiting)
+        self.num_requests_running.set_function(
+            lambda: scheduler.num_in_flight - scheduler.num_waiting)
+
+    def observe_engine(self, engine) -> None:
+        """After an engine step (in the worker thread): pool usage and cache counters."""
+        self.kv_cache_usage.set(engine.kv_cache_usage)
+        queries, hits = engine.prefix_cache_queries, engine.prefix_cache_hits
+        self.prefix_cache_queries.inc(queries - self._engine_counts[0])
+        self.prefix_cache_hits.inc(hits - self._engine_counts[1])
+        self._engine_counts = (queries, hits)
 
     def observe_group(self, group: list, started_at: float) -> None:
         self.group_size.observe(len(group))

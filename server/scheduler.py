@@ -1,14 +1,14 @@
-"""Which queued questions run together, and when.
+"""Which questions form a group, and when a group goes to the engine.
 
 The policy is pure Python (no asyncio, torch or HTTP), so it is tested on its own:
-  - `GroupingPolicy.group_key`: requests with the same key may share a group. The key is the
-    caller's group hint, else the first `min_prefix_tokens` prompt tokens (the same system
-    prompt + passage); a shorter prompt without a hint has no key and is a group of its own.
-  - `GroupQueue`: open groups, one per key, fill up to `max_group_size`. A group is ready when
-    it is full, closed (a pre-formed group, or a request that cannot gain peers), or its first
-    member has waited `max_wait_s`. A batch is up to `max_batch_groups` ready groups, oldest
-    first.
-`Scheduler` is the thin async loop around it: it takes ready batches and awaits the worker.
+  - `GroupQueue`: requests that carry a group hint wait in the open group of their key (tenant,
+    cache salt, hint) until it holds `max_group_size` members or its first member has waited
+    `max_wait_s`. A grouped request arrives as a pre-formed group and is ready at once.
+  - A request without a hint is a group of one, sent to the engine at once. It shares compute
+    with every other request of its tenant through the engine's prefix cache (the longest
+    cached prefix, token by token), but never rows: its answer never depends on strangers.
+`Scheduler` is the thin async loop around it: it hands ready groups to the engine worker, which
+admits them between two steps of the running batch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+from model.request import Status
+
 
 class QueueFullError(Exception):
     pass
@@ -28,15 +30,6 @@ class QueueFullError(Exception):
 class GroupingPolicy:
     max_group_size: int = 8
     max_wait_s: float = 0.02
-    max_batch_groups: int = 8
-    min_prefix_tokens: int = 64  # 0: never group by prefix
-
-    def group_key(self, hint: str | None, prompt_ids: Sequence[int]) -> Hashable | None:
-        if hint:
-            return ("hint", hint)
-        if self.min_prefix_tokens and len(prompt_ids) >= self.min_prefix_tokens:
-            return ("prefix", tuple(prompt_ids[: self.min_prefix_tokens]))
-        return None
 
 
 @dataclass(eq=False)
@@ -54,7 +47,7 @@ class PendingGroup:
 
 
 class GroupQueue:
-    """Questions waiting to run, in groups. Items are opaque; they are compared by identity."""
+    """Questions waiting for their group to fill. Items are opaque, compared by identity."""
 
     def __init__(self, policy: GroupingPolicy):
         self.policy = policy
@@ -94,15 +87,14 @@ class GroupQueue:
                 return True
         return False
 
-    def take_batch(self, now: float) -> list[list]:
-        """Up to max_batch_groups ready groups, oldest first, removed from the queue."""
+    def take_ready(self, now: float) -> list[list]:
+        """Every ready group, oldest first, removed from the queue."""
         ready = [g for g in self._groups if g.is_ready(now, self.policy)]
-        batch = ready[: self.policy.max_batch_groups]
-        for group in batch:
+        for group in ready:
             self._close(group)
             self._groups.remove(group)
             self.num_waiting -= len(group.items)
-        return [group.items for group in batch]
+        return [group.items for group in ready]
 
     def take_all(self) -> list:
         """Empties the queue; returns every waiting item."""
@@ -128,15 +120,18 @@ class GroupQueue:
 
 
 class Scheduler:
-    """The async loop: waits for ready groups, runs them as one batch on the worker, repeats.
-    Requests must have `member`, `arrived_at` and `scheduled_at` (server.worker.ServerRequest)."""
+    """The async loop: hands ready groups to the engine worker as soon as they are ready.
+    Requests must have `member`, `arrived_at`, `scheduled_at` and `is_finished`
+    (server.worker.ServerRequest)."""
 
-    def __init__(self, policy: GroupingPolicy, worker, metrics, max_queue: int):
+    def __init__(self, policy: GroupingPolicy, worker, metrics, max_queue: int,
+                 trained_head_for_all: bool = False):
         self.queue = GroupQueue(policy)
+        self._trained_head_for_all = trained_head_for_all  # else only for chosen groups
         self._worker = worker
         self._metrics = metrics
         self._max_queue = max_queue
-        self._running: list = []  # requests of the batch on the worker now
+        self._in_engine: list = []  # requests handed to the engine, not known to be finished
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,7 +142,15 @@ class Scheduler:
 
     @property
     def num_in_flight(self) -> int:
-        return self.queue.num_waiting + len(self._running)
+        self._in_engine = [r for r in self._in_engine if not r.is_finished]
+        return self.queue.num_waiting + len(self._in_engine)
+
+    @property
+    def num_waiting(self) -> int:
+        """Questions not running yet: in an open group, or in the engine waiting for room."""
+        self._in_engine = [r for r in self._in_engine if not r.is_finished]
+        admitted = sum(r.member.status is not Status.WAITING for r in self._in_engine)
+        return self.queue.num_waiting + len(self._in_engine) - admitted
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -166,68 +169,53 @@ class Scheduler:
         """Aborts whatever is queued or running and waits for the worker thread to end."""
         for request in self.queue.take_all():
             self._worker.finish_unscheduled(request)
-        for request in self._running:
-            request.member.abort()
         if self._task is not None:
             self._task.cancel()
         await asyncio.to_thread(self._worker.shutdown)
-        self._update_gauges()
 
-    def submit(self, request, hint: str | None) -> None:
+    def submit(self, request, key: Hashable | None) -> None:
+        """`key`: the request's group hint, scoped to its tenant; None: a group of one."""
         self._reserve(1)
-        key = self.queue.policy.group_key(hint, request.member.prompt_ids)
-        self.queue.add(request, key, request.arrived_at)
-        self._wake()
+        if key is None:
+            self._hand_over([request], uses_trained_head=self._trained_head_for_all)
+        else:
+            self.queue.add(request, key, request.arrived_at)
+            self._wakeup.set()
 
     def submit_group(self, requests: Sequence) -> None:
         self._reserve(len(requests))
         self.queue.add_group(requests, min(r.arrived_at for r in requests))
-        self._wake()
+        self._wakeup.set()
 
     def abort(self, request) -> None:
-        """The caller left: a waiting request leaves the queue, a running one is aborted."""
+        """The caller left: a waiting request leaves the queue, one in the engine is aborted."""
         if self.queue.remove(request):
             self._worker.finish_unscheduled(request)
-            self._update_gauges()
         else:
             request.member.abort()
 
     def _reserve(self, count: int) -> None:
-        if self.queue.num_waiting + count > self._max_queue:
+        waiting = self.num_waiting
+        if waiting + count > self._max_queue:
             raise QueueFullError(
-                f"the queue is full ({self.queue.num_waiting} questions waiting, limit "
-                f"{self._max_queue}); retry later"
-            )
+                f"the queue is full ({waiting} questions waiting, limit {self._max_queue}); "
+                "retry later")
 
-    def _wake(self) -> None:
-        self._update_gauges()
-        self._wakeup.set()
+    def _hand_over(self, group: list, uses_trained_head: bool) -> None:
+        now = time.monotonic()
+        for request in group:
+            request.scheduled_at = now
+        self._metrics.observe_group(group, now)
+        self._in_engine += group
+        self._worker.submit(group, uses_trained_head)
 
     async def _run(self) -> None:
         while True:
             now = time.monotonic()
-            groups = self.queue.take_batch(now)
-            if groups:
-                await self._run_batch(groups, now)
-                continue
+            for group in self.queue.take_ready(now):
+                self._hand_over(group, uses_trained_head=True)
             self._wakeup.clear()
             deadline = self.queue.next_ready_at()
-            timeout = None if deadline is None else max(0.0, deadline - now)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
-
-    async def _run_batch(self, groups: list[list], now: float) -> None:
-        for group in groups:
-            for request in group:
-                request.scheduled_at = now
-            self._metrics.observe_group(group, now)
-        self._running = [request for group in groups for request in group]
-        self._update_gauges()
-        try:
-            await self._worker.run(groups)
-        finally:
-            self._running = []
-            self._update_gauges()
-
-    def _update_gauges(self) -> None:
-        self._metrics.set_queue_sizes(self.queue.num_waiting, len(self._running))

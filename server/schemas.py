@@ -80,6 +80,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool | None = None
     tools: list | None = None
     group_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
 
     _normalise_stop = field_validator("stop", mode="before")(_stop_list)
 
@@ -140,6 +141,7 @@ class GroupedCompletionRequest(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
 
     _normalise_stop = field_validator("stop", mode="before")(_stop_list)
 

@@ -57,7 +57,11 @@ def build_services(settings: Settings, loaded: LoadedModel | None = None) -> Ser
         loaded = load_model(settings.model, settings.device, settings.dtype, settings.threads)
     csa = load_csa(settings, loaded)
     log.info("model %s on %s, CSA %s", loaded.name, loaded.device, "on" if csa else "off")
-    return Services(settings, loaded, GroupedEngine(loaded.model, loaded.tokenizer, csa))
+    engine = GroupedEngine(loaded.model, loaded.tokenizer, csa, kv_cache_mb=settings.kv_cache_mb,
+                           max_prefill_tokens=settings.max_prefill_tokens)
+    log.info("KV cache: %d tokens (%.0f MiB)", engine.pool.capacity,
+             engine.pool.kv.nbytes / 2**20)
+    return Services(settings, loaded, engine)
 
 
 def csa_path(settings: Settings, model_name: str) -> Path | None:

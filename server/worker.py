@@ -1,8 +1,10 @@
-"""The engine worker: runs `engine.generate` in ONE thread, off the event loop, and hands every
-token event back to its request's asyncio queue with `loop.call_soon_threadsafe`.
+"""The engine worker: ONE thread runs the engine's step loop, off the event loop.
 
-An exception inside the engine fails the requests of that batch only (each gets an
-`EngineFailure`); the thread lives on and serves the next batch.
+The event loop hands it groups (`submit`); between any two steps the thread adds them to the
+engine, which admits them when the KV pool has room. Every step's token events go back to
+their requests' asyncio queues in one `loop.call_soon_threadsafe`. A member whose sampling or
+stop handling fails gets an `EngineFailure` and its batch-mates carry on; if a whole step
+raises, the requests in the engine fail, the engine starts afresh and the thread lives on.
 """
 
 from __future__ import annotations
@@ -10,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from model.engine import GroupedEngine, Member, TokenEvent, Usage
+from model.engine import EngineInputError, GroupedEngine, Member, TokenEvent, Usage
 
 log = logging.getLogger("groupwise.server")
+_STOP = object()
 
 
 @dataclass(frozen=True)
 class EngineFailure:
-    """Delivered instead of a final TokenEvent when the engine raised during a batch."""
+    """Delivered instead of a final TokenEvent when the engine could not serve a member."""
 
     member: Member
     message: str
@@ -36,7 +40,7 @@ class ServerRequest:
     events: asyncio.Queue  # TokenEvent | EngineFailure, in order; shared by a grouped request
     index: int = 0  # the question's index within its HTTP request
     arrived_at: float = field(default_factory=time.monotonic)
-    scheduled_at: float | None = None
+    scheduled_at: float | None = None  # handed to the engine
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
@@ -55,39 +59,72 @@ class EngineWorker:
         self.engine = engine
         self._metrics = metrics
         self._loop = loop
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
 
-    async def run(self, groups: list[list[ServerRequest]]) -> None:
-        """Runs one batch of groups to completion in the worker thread."""
-        await self._loop.run_in_executor(self._executor, self._generate, groups)
+    def submit(self, group: list[ServerRequest], uses_trained_head: bool) -> None:
+        """Queues a group for the engine (from the event loop; never blocks)."""
+        self._inbox.put((group, uses_trained_head))
 
     def shutdown(self) -> None:
-        """Blocks until the running batch (if any) has ended; call with its members aborted."""
-        self._executor.shutdown(wait=True)
+        """Aborts everything in the engine and blocks until the thread has ended."""
+        self._inbox.put(_STOP)
+        self._thread.join()
 
     def finish_unscheduled(self, request: ServerRequest) -> None:
         """Ends a request that left the queue before it ran (on the event loop)."""
         prompt_tokens = len(request.member.prompt_ids)
         self.deliver(TokenEvent(request.member, None, "", "abort", Usage(prompt_tokens, 0, 0)))
 
-    def _generate(self, groups: list[list[ServerRequest]]) -> None:  # in the worker thread
-        try:
-            for event in self.engine.generate([[r.member for r in g] for g in groups]):
-                self._post(event)
-        except Exception as exc:  # noqa: BLE001 - any engine failure fails this batch only
-            log.exception("the engine failed on a batch of %d groups", len(groups))
-            message = f"the engine failed while generating: {type(exc).__name__}: {exc}"
-            for group in groups:
-                for request in group:
-                    self._post(EngineFailure(request.member, message))
+    # --- the thread ------------------------------------------------------------------------
 
-    def _post(self, item: TokenEvent | EngineFailure) -> None:
-        # RuntimeError: the event loop is closed, nobody is left to read the event
+    def _run(self) -> None:
+        while True:
+            items = [self._inbox.get()] if not self.engine.has_work else []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._inbox.get_nowait())
+            for item in items:
+                if item is _STOP:
+                    self._post(list(self.engine.abort_all()))
+                    return
+                self._add(*item)
+            self._step()
+
+    def _add(self, group: list[ServerRequest], uses_trained_head: bool) -> None:
+        try:
+            self.engine.add([r.member for r in group], uses_trained_head)
+        except EngineInputError as exc:  # the HTTP side checked it; a last line of defence
+            self._post([EngineFailure(r.member, str(exc)) for r in group])
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - a failed step fails what is in the engine
+            log.exception("an engine step failed")
+            message = f"the engine failed while generating: {type(exc).__name__}: {exc}"
+            events = [EngineFailure(m, message) for m in self.engine.reset()]
+        self._post(events)
+        self._metrics.observe_engine(self.engine)
+
+    def _post(self, items: list) -> None:
+        if not items:
+            return
+        # RuntimeError: the event loop is closed, nobody is left to read the events
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self.deliver, item)
+            self._loop.call_soon_threadsafe(self._deliver_all, items)
+
+    # --- back on the event loop --------------------------------------------------------------
+
+    def _deliver_all(self, items: list) -> None:
+        for item in items:
+            self.deliver(item)
 
     def deliver(self, item: TokenEvent | EngineFailure) -> None:
-        """On the event loop: stamps the request, records metrics, queues the item."""
+        """Stamps the request, records metrics, queues the item."""
+        if isinstance(item, TokenEvent) and item.finish_reason == "error":
+            item = EngineFailure(item.member, f"the engine failed on this request: {item.error}")
         request: ServerRequest = item.member.tag
         if request.is_finished:  # e.g. a failure reported after the member had ended
             return

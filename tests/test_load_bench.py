@@ -63,18 +63,24 @@ def test_trickle_plan_chains_each_passages_questions():
     assert all(plan[spec.after].passage == spec.passage for spec in plan if spec.after is not None)
 
 
-def test_mixed_plan_retells_the_next_passage_first_and_asks_after_the_delay():
+def test_mixed_plan_starts_the_long_generations_first_and_asks_after_the_delay():
     args = load.parse_args(["--url", "u", "--scenario", "mixed", "--contexts", "2",
                             "--context-offset", "5", "--long", "2", "--delay", "0.5"])
     plan = load.build_plan(args)
     longs, questions = plan[:2], plan[2:]
     assert [(s.kind, s.passage, s.at_s, s.max_tokens) for s in longs] == [
-        ("long", 7, 0.0, 256), ("long", 8, 0.0, 256)]
-    assert longs[0].messages[0] == {"role": "system", "content": "You are a helpful assistant."}
-    assert "sentence by sentence" in longs[0].messages[1]["content"]
+        ("long", -1, 0.0, 256), ("long", -1, 0.0, 256)]  # on no passage
+    assert longs[0].messages == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": load.LONG_REQUEST},
+    ]
     assert {(s.kind, s.at_s) for s in questions} == {("question", 0.5)}
     assert sorted({s.passage for s in questions}) == [5, 6] and len(questions) == 10
-    assert load.passages_used(args) == 4
+    assert load.passages_used(args) == 2  # the questions' passages only
+    # the long generations read no passage, so the last passages may hold questions
+    last = load.parse_args(["--url", "u", "--scenario", "mixed", "--contexts", "2",
+                            "--context-offset", str(load.shipped_passages() - 2), "--long", "3"])
+    assert load.passages_used(last) == 2
 
 
 def test_rate_arrivals_are_seeded_gamma_gaps():
@@ -157,7 +163,7 @@ def test_mixed_sends_the_long_generation_first_and_reports_it_apart(start_server
     records = round_["requests"]
     (long,) = [r for r in records if r["kind"] == "long"]
     questions = [r for r in records if r["kind"] == "question"]
-    assert long["passage"] == 1 and long["sent_s"] < 0.2 and 1 <= long["completion_tokens"] <= 8
+    assert long["passage"] == -1 and long["sent_s"] < 0.2 and 1 <= long["completion_tokens"] <= 8
     assert len(questions) == 5 and min(r["sent_s"] for r in questions) >= 0.2
     assert round_["questions"]["completed"] == 5 and round_["long"]["completed"] == 1
     assert round_["long"]["total_output_tokens"] == long["completion_tokens"]
@@ -188,13 +194,15 @@ def answer_events(text: str, usage: dict | None, timings: dict | None = None) ->
 
 class MockServer:
     """An OpenAI-style server in process: answers question number i of the passages by
-    `behaviour(i)`, after `delay_s`, and records every request it saw."""
+    `behaviour(i)`, after `delay_s`, and records every request it saw. Of the 300 prompt tokens
+    of an answer, llama.cpp-style `timings` say `cache_n` came from a cache."""
 
-    def __init__(self, behaviour=lambda index: "ok", delay_s: float = 0.0, offset: int = 0):
+    def __init__(self, behaviour=lambda index: "ok", delay_s: float = 0.0, offset: int = 0,
+                 cache_n: int = 240):
         questions = [q for qs in load.passage_questions(offset, 2) for q in qs]
         self.index_of = {q.question: i for i, q in enumerate(questions)}
         self.gold_of = {q.question: q.answers[0] for q in questions}
-        self.behaviour, self.delay_s = behaviour, delay_s
+        self.behaviour, self.delay_s, self.cache_n = behaviour, delay_s, cache_n
         self.requests: list[httpx.Request] = []
         self.transport = httpx.MockTransport(self.handle)
 
@@ -222,7 +230,8 @@ class MockServer:
             events = answer_events("no usage", None)
         else:
             events = answer_events(f"<answer>{gold}</answer>", usage,
-                                   timings={"cache_n": 240, "prompt_n": 60})
+                                   timings={"cache_n": self.cache_n,
+                                            "prompt_n": 300 - self.cache_n})
         return httpx.Response(200, content=sse(*events), headers=headers)
 
 
@@ -393,6 +402,11 @@ def test_compare_cases_read_distinct_passages_and_hint_our_server_only():
     mixed = next(case for case in compare.CASES if case.name == "mixed")
     mixed_args = compare.load_args(mixed, "u", 0, hints=False, common=["--max-tokens", "9"])
     assert len(load.build_plan(mixed_args)) == 21 and mixed_args.max_tokens == 9
+    trickle = next(case for case in compare.CASES if case.name == "trickle")
+    trickle_args = compare.load_args(trickle, "u", 0, hints=False, common=[])
+    assert (trickle_args.contexts, trickle_args.rounds, len(load.build_plan(trickle_args))) == (
+        8, 2, 40)
+    assert offsets == {"burst": 0, "burst-nohints": 8, "trickle": 16, "mixed": 24, "rate": 28}
 
 
 def test_compare_table_puts_both_servers_and_their_ratio_side_by_side():
@@ -403,9 +417,97 @@ def test_compare_table_puts_both_servers_and_their_ratio_side_by_side():
                "llama.cpp": {"rounds": [{"summary": slow}, {"summary": slow}]}}
     rows = compare.comparison_rows(trickle, results)
     assert {row["scenario"] for row in rows} == {"trickle", "trickle (seen again)"}
-    table = compare.format_table(rows)
+    assert set(rows[0]) == {"scenario", "figure", "key", "ours", "llama.cpp", "ours/llama.cpp"}
+    table = compare.format_table(rows, ["ours", "llama.cpp"])
+    assert table.splitlines()[1] == "|---|---|--:|--:|--:|"
     assert "| scenario | figure | ours | llama.cpp | ours/llama.cpp |" in table
     assert "| trickle | Request throughput (req/s) | 2.00 | 1.00 | 2.00 |" in table
     assert "| trickle (seen again) | TTFT p50 (ms) | 100.0 | 200.0 | 0.50 |" in table
     assert "| trickle | Computed share | 0.500 | 1.000 | 0.50 |" in table
     assert "| trickle | Failed requests | 0 | 0 | - |" in table
+
+
+def test_compare_table_with_an_earlier_build_has_a_ratio_column_per_other_target():
+    fast = load.summarize([record(0.0, 0.1, [], 0.5, 1, prompt=100, cached=50)])
+    middle = load.summarize([record(0.0, 0.4, [], 0.8, 1, prompt=100, cached=25)])
+    slow = load.summarize([record(0.0, 0.2, [], 1.0, 1, prompt=100)])
+    burst = compare.CASES[0]
+    results = {"ours": {"rounds": [{"summary": fast}]},
+               "before": {"rounds": [{"summary": middle}]},
+               "llama.cpp": {"rounds": [{"summary": slow}]}}
+    rows = compare.comparison_rows(burst, results)
+    assert rows[0]["ours/before"] == pytest.approx(1.6)
+    assert rows[0]["ours/llama.cpp"] == pytest.approx(2.0)
+    lines = compare.format_table(rows, ["ours", "before", "llama.cpp"]).splitlines()
+    assert lines[:2] == [
+        "| scenario | figure | ours | before | llama.cpp | ours/before | ours/llama.cpp |",
+        "|---|---|--:|--:|--:|--:|--:|"]
+    assert "| burst | Request throughput (req/s) | 2.00 | 1.25 | 1.00 | 1.60 | 2.00 |" in lines
+    assert "| burst | TTFT p50 (ms) | 100.0 | 400.0 | 200.0 | 0.25 | 0.50 |" in lines
+    assert "| burst | Computed share | 0.500 | 0.750 | 1.000 | 0.67 | 0.50 |" in lines
+    assert "| burst | Failed requests | 0 | 0 | 0 | - | - |" in lines
+
+
+def passage_of_prompt(request: httpx.Request) -> int | None:
+    """The selection index of the passage a question request asks about (None: the warm-up)."""
+    content = json.loads(request.content)["messages"][-1]["content"]
+    if not content.startswith("Passage:"):
+        return None
+    prompts = {f"Passage:\n{q.context}\n\nQuestion: {q.question}": q.context_index
+               for qs in load.passage_questions(0, 24) for q in qs}
+    return prompts[content]
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_compare_runs_each_scenario_on_every_target_in_turn(before, tmp_path, capsys):
+    servers = {"ours": MockServer(cache_n=240), "before": MockServer(cache_n=180),
+               "llama.cpp": MockServer(cache_n=60)}  # computed shares 0.2, 0.4, 0.8
+    if not before:
+        del servers["before"]
+    path = tmp_path / "compare.json"
+    argv = ["--ours", "http://ours/", "--peer", "http://peer", "--scenarios",
+            "burst-nohints,trickle", "--max-tokens", "4", "--json", str(path),
+            *(["--before", "http://before/"] if before else [])]
+    transports = {name: server.transport for name, server in servers.items()}
+    assert compare.main(argv, transports=transports) == 0
+    names = list(servers)
+    out, err = capsys.readouterr()
+    announced = [line for line in err.splitlines() if " on " in line]
+    assert announced == [f"{case} on {name}" for case in ("burst-nohints", "trickle")
+                         for name in names]
+    for name, server in servers.items():
+        asked = [(passage_of_prompt(r), json.loads(r.content).get("group_id"))
+                 for r in server.requests]
+        questions = [(passage, hint) for passage, hint in asked if passage is not None]
+        assert len(questions) == 40 + 80  # burst-nohints, then trickle's 2 rounds
+        nohints, trickle = questions[:40], questions[40:]
+        assert sorted({passage for passage, _ in nohints}) == list(range(8, 16))
+        assert sorted({passage for passage, _ in trickle}) == list(range(16, 24))
+        assert {hint for _, hint in nohints} == {None}
+        hinted = {hint is not None for _, hint in trickle}
+        assert hinted == ({False} if name == "llama.cpp" else {True})  # our builds only
+
+    result = json.loads(path.read_text())
+    assert result["config"]["urls"] == {
+        "ours": "http://ours", **({"before": "http://before"} if before else {}),
+        "llama.cpp": "http://peer"}
+    assert [run["scenario"] for run in result["runs"]] == ["burst-nohints", "trickle"]
+    for run in result["runs"]:
+        assert set(run) == {"scenario", *names}
+        assert {run[name]["config"]["url"] for name in names} == set(
+            result["config"]["urls"].values())
+    assert len(result["runs"][1]["before" if before else "ours"]["rounds"]) == 2
+    assert len(result["rows"]) == 3 * len(compare.FIGURES)  # burst-nohints, trickle x 2 rounds
+
+    lines = out.splitlines()
+    if before:
+        assert lines[0] == ("| scenario | figure | ours | before | llama.cpp | ours/before "
+                            "| ours/llama.cpp |")
+        assert "| trickle (seen again) | Computed share | 0.200 | 0.400 | 0.800 | 0.50 | 0.25 |" \
+            in lines
+        assert "| burst-nohints | Failed requests | 0 | 0 | 0 | - | - |" in lines
+        assert "| trickle (seen again) | Failed requests | 0 | 0 | 0 | - | - |" in lines
+    else:  # the table of a run without --before, as it always was
+        assert lines[0] == "| scenario | figure | ours | llama.cpp | ours/llama.cpp |"
+        assert "| trickle (seen again) | Computed share | 0.200 | 0.800 | 0.25 |" in lines
+        assert "| burst-nohints | Failed requests | 0 | 0 | - |" in lines

@@ -8,46 +8,26 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from model.request import Status
 from server.scheduler import GroupingPolicy, GroupQueue, QueueFullError, Scheduler
 
 
 def make_queue(**policy) -> GroupQueue:
-    defaults = {"max_group_size": 3, "max_wait_s": 1.0, "max_batch_groups": 2,
-                "min_prefix_tokens": 4}
+    defaults = {"max_group_size": 3, "max_wait_s": 1.0}
     return GroupQueue(GroupingPolicy(**{**defaults, **policy}))
-
-
-# --- grouping keys ---------------------------------------------------------------------------
-
-def test_hint_wins_over_prefix():
-    policy = GroupingPolicy(min_prefix_tokens=2)
-    assert policy.group_key("g", [1, 2, 3]) == policy.group_key("g", [9, 9, 9])
-    assert policy.group_key("g", [1, 2, 3]) != policy.group_key(None, [1, 2, 3])
-    assert policy.group_key("g", [1]) != policy.group_key("h", [1])
-
-
-def test_prompts_sharing_the_prefix_share_a_key():
-    policy = GroupingPolicy(min_prefix_tokens=3)
-    assert policy.group_key(None, [1, 2, 3, 4]) == policy.group_key(None, [1, 2, 3, 7, 8])
-    assert policy.group_key(None, [1, 2, 3, 4]) != policy.group_key(None, [1, 2, 5, 4])
-
-
-def test_short_prompt_without_hint_has_no_key():
-    assert GroupingPolicy(min_prefix_tokens=3).group_key(None, [1, 2]) is None
-    assert GroupingPolicy(min_prefix_tokens=0).group_key(None, list(range(100))) is None
 
 
 # --- the queue -------------------------------------------------------------------------------
 
 def test_same_key_joins_one_group_until_it_is_full():
-    queue = make_queue(max_group_size=2, max_batch_groups=5)
+    queue = make_queue(max_group_size=2)
     for name in "abc":
         queue.add(name, "k", now=0.0)
     assert queue.num_waiting == 3
     # the full group [a, b] is ready at once; [c] waits for company
-    assert queue.take_batch(now=0.0) == [["a", "b"]]
-    assert queue.take_batch(now=0.5) == []
-    assert queue.take_batch(now=1.0) == [["c"]]
+    assert queue.take_ready(now=0.0) == [["a", "b"]]
+    assert queue.take_ready(now=0.5) == []
+    assert queue.take_ready(now=1.0) == [["c"]]
     assert queue.num_waiting == 0
 
 
@@ -55,7 +35,7 @@ def test_group_without_key_is_ready_at_once_and_alone():
     queue = make_queue()
     queue.add("a", None, now=0.0)
     queue.add("b", None, now=0.0)
-    assert queue.take_batch(now=0.0) == [["a"], ["b"]]
+    assert queue.take_ready(now=0.0) == [["a"], ["b"]]
 
 
 def test_open_group_waits_max_wait_from_its_first_member():
@@ -63,25 +43,25 @@ def test_open_group_waits_max_wait_from_its_first_member():
     queue.add("a", "k", now=10.0)
     queue.add("b", "k", now=10.4)
     assert queue.next_ready_at() == pytest.approx(10.5)
-    assert queue.take_batch(now=10.49) == []
-    assert queue.take_batch(now=10.5) == [["a", "b"]]
+    assert queue.take_ready(now=10.49) == []
+    assert queue.take_ready(now=10.5) == [["a", "b"]]
     assert queue.next_ready_at() is None
 
 
-def test_batch_takes_oldest_ready_groups_up_to_the_cap():
-    queue = make_queue(max_batch_groups=2, max_wait_s=0.0)
+def test_ready_groups_come_oldest_first():
+    queue = make_queue(max_wait_s=0.0)
     for index, key in enumerate(["x", "y", "z"]):
         queue.add(key, key, now=float(index))
-    assert queue.take_batch(now=5.0) == [["x"], ["y"]]
-    assert queue.take_batch(now=5.0) == [["z"]]
+    assert queue.take_ready(now=5.0) == [["x"], ["y"], ["z"]]
+    assert queue.take_ready(now=5.0) == []
 
 
 def test_preformed_group_is_split_at_max_group_size_and_ready():
-    queue = make_queue(max_group_size=2, max_batch_groups=5)
+    queue = make_queue(max_group_size=2)
     queue.add_group(["a", "b", "c", "d", "e"], now=0.0)
     queue.add("x", "a", now=0.0)  # a keyed request never joins a pre-formed group
     assert queue.num_waiting == 6
-    assert queue.take_batch(now=0.0) == [["a", "b"], ["c", "d"], ["e"]]
+    assert queue.take_ready(now=0.0) == [["a", "b"], ["c", "d"], ["e"]]
 
 
 def test_removed_item_leaves_its_group():
@@ -91,7 +71,7 @@ def test_removed_item_leaves_its_group():
     assert queue.remove("a") is True
     assert queue.remove("a") is False
     assert queue.num_waiting == 1
-    assert queue.take_batch(now=2.0) == [["b"]]
+    assert queue.take_ready(now=2.0) == [["b"]]
 
 
 def test_removing_the_last_member_drops_the_group_and_reopens_the_key():
@@ -100,8 +80,8 @@ def test_removing_the_last_member_drops_the_group_and_reopens_the_key():
     queue.remove("a")
     assert queue.next_ready_at() is None
     queue.add("b", "k", now=5.0)
-    assert queue.take_batch(now=5.5) == []
-    assert queue.take_batch(now=6.0) == [["b"]]
+    assert queue.take_ready(now=5.5) == []
+    assert queue.take_ready(now=6.0) == [["b"]]
 
 
 def test_take_all_empties_the_queue():
@@ -109,7 +89,7 @@ def test_take_all_empties_the_queue():
     queue.add("a", "k", now=0.0)
     queue.add_group(["b", "c"], now=0.0)
     assert sorted(queue.take_all()) == ["a", "b", "c"]
-    assert queue.num_waiting == 0 and queue.take_batch(now=9.0) == []
+    assert queue.num_waiting == 0 and queue.take_ready(now=9.0) == []
 
 
 # --- the async loop, with a fake worker --------------------------------------------------------
@@ -118,6 +98,7 @@ def test_take_all_empties_the_queue():
 class FakeMember:
     prompt_ids: list
     aborted: bool = False
+    status: Status = Status.WAITING
 
     def abort(self):
         self.aborted = True
@@ -128,43 +109,49 @@ class FakeRequest:
     member: FakeMember
     arrived_at: float = 0.0
     scheduled_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finished_at is not None
 
 
 @dataclass
 class FakeWorker:
-    batches: list = field(default_factory=list)
+    groups: list = field(default_factory=list)  # (group, uses_trained_head) handed over
     unscheduled: list = field(default_factory=list)
-    release: asyncio.Event | None = None  # when set, a batch waits for it
 
-    async def run(self, groups):
-        self.batches.append(groups)
-        if self.release is not None:
-            await self.release.wait()
+    def submit(self, group, uses_trained_head):
+        self.groups.append((group, uses_trained_head))
 
     def finish_unscheduled(self, request):
         self.unscheduled.append(request)
+        request.finished_at = time.monotonic()
 
     def shutdown(self):
         pass
 
+    @property
+    def handed(self) -> list:
+        return [group for group, _ in self.groups]
+
 
 class FakeMetrics:
     def __init__(self):
-        self.groups, self.sizes = [], []
+        self.groups = []
 
     def observe_group(self, group, started_at):
         self.groups.append(len(group))
 
-    def set_queue_sizes(self, waiting, running):
-        self.sizes.append((waiting, running))
 
-
-def make_scheduler(worker, max_queue=10, **policy) -> tuple[Scheduler, FakeMetrics]:
-    defaults = {"max_group_size": 4, "max_wait_s": 0.05, "max_batch_groups": 4,
-                "min_prefix_tokens": 0}
+def make_scheduler(worker, max_queue=10, trained_head_for_all=False,
+                   **policy) -> tuple[Scheduler, FakeMetrics]:
+    defaults = {"max_group_size": 4, "max_wait_s": 0.05}
     metrics = FakeMetrics()
     policy = GroupingPolicy(**{**defaults, **policy})
-    return Scheduler(policy, worker, metrics, max_queue=max_queue), metrics
+    scheduler = Scheduler(policy, worker, metrics, max_queue=max_queue,
+                          trained_head_for_all=trained_head_for_all)
+    return scheduler, metrics
 
 
 def request(*ids) -> FakeRequest:
@@ -178,22 +165,34 @@ async def wait_until(condition, timeout=5.0):
         await asyncio.sleep(0.005)
 
 
-def test_loop_runs_hinted_requests_as_one_group_and_others_alone():
+def test_hinted_requests_form_one_group_and_others_go_at_once_alone():
     async def scenario():
         worker = FakeWorker()
-        scheduler, metrics = make_scheduler(worker)
+        scheduler, metrics = make_scheduler(worker, max_wait_s=60.0)
         scheduler.start()
-        grouped = [request(1), request(2), request(3)]
-        for item in grouped:
-            scheduler.submit(item, hint="g")
         alone = request(4)
-        scheduler.submit(alone, hint=None)
-        await wait_until(lambda: sum(len(g) for b in worker.batches for g in b) == 4)
-        await scheduler.stop()
-        groups = [g for batch in worker.batches for g in batch]
-        assert [alone] in groups and grouped in groups
-        assert sorted(metrics.groups) == [1, 3]
+        scheduler.submit(alone, key=None)
+        assert worker.groups == [([alone], False)]  # no wait, and not the trained head
+        grouped = [request(1), request(2), request(3), request(5)]
+        for item in grouped:
+            scheduler.submit(item, key="g")
+        await wait_until(lambda: len(worker.groups) == 2)  # full at max_group_size
+        assert worker.groups[1] == (grouped, True)
+        assert sorted(metrics.groups) == [1, 4]
         assert all(item.scheduled_at is not None for item in [*grouped, alone])
+        await scheduler.stop()
+
+    asyncio.run(scenario())
+
+
+def test_trained_head_for_all_serves_lone_requests_too():
+    async def scenario():
+        worker = FakeWorker()
+        scheduler, _ = make_scheduler(worker, trained_head_for_all=True)
+        scheduler.start()
+        scheduler.submit(request(1), key=None)
+        assert worker.groups[0][1] is True
+        await scheduler.stop()
 
     asyncio.run(scenario())
 
@@ -204,15 +203,15 @@ def test_full_queue_refuses_and_aborts_free_room():
         scheduler, _ = make_scheduler(worker, max_queue=2, max_wait_s=60.0)
         scheduler.start()
         first, second = request(1), request(2)
-        scheduler.submit(first, hint="g")
-        scheduler.submit(second, hint="g")
+        scheduler.submit(first, key="g")
+        scheduler.submit(second, key="g")
         with pytest.raises(QueueFullError, match="2 questions waiting"):
-            scheduler.submit(request(3), hint="g")
+            scheduler.submit(request(3), key="g")
         with pytest.raises(QueueFullError):
             scheduler.submit_group([request(4)])
         scheduler.abort(first)  # still waiting: it leaves the queue, no engine abort needed
         assert worker.unscheduled == [first] and not first.member.aborted
-        scheduler.submit(request(5), hint="g")
+        scheduler.submit(request(5), key="g")
         assert scheduler.num_in_flight == 2
         await scheduler.stop()
         assert len(worker.unscheduled) == 3  # stop() ends what still waits
@@ -220,39 +219,36 @@ def test_full_queue_refuses_and_aborts_free_room():
     asyncio.run(scenario())
 
 
-def test_abort_of_a_running_request_reaches_its_member():
+def test_requests_waiting_in_the_engine_count_against_the_queue():
     async def scenario():
-        worker = FakeWorker(release=asyncio.Event())
-        scheduler, metrics = make_scheduler(worker)
+        worker = FakeWorker()
+        scheduler, _ = make_scheduler(worker, max_queue=2)
         scheduler.start()
-        running = request(1)
-        scheduler.submit(running, hint=None)
-        await wait_until(lambda: worker.batches)
-        assert scheduler.num_in_flight == 1 and metrics.sizes[-1] == (0, 1)
-        scheduler.abort(running)
-        assert running.member.aborted and worker.unscheduled == []
-        worker.release.set()
-        await wait_until(lambda: scheduler.num_in_flight == 0)
+        admitted, waiting = request(1), request(2)
+        scheduler.submit(admitted, key=None)
+        scheduler.submit(waiting, key=None)
+        admitted.member.status = Status.DECODE  # the engine found room for one of them
+        assert scheduler.num_waiting == 1 and scheduler.num_in_flight == 2
+        scheduler.submit(request(3), key=None)
+        with pytest.raises(QueueFullError):
+            scheduler.submit(request(4), key=None)
         await scheduler.stop()
 
     asyncio.run(scenario())
 
 
-def test_ready_groups_wait_while_a_batch_runs_then_run_together():
+def test_abort_of_a_request_in_the_engine_reaches_its_member():
     async def scenario():
-        worker = FakeWorker(release=asyncio.Event())
-        scheduler, _ = make_scheduler(worker, max_batch_groups=2)
+        worker = FakeWorker()
+        scheduler, _ = make_scheduler(worker)
         scheduler.start()
-        scheduler.submit(request(1), hint=None)
-        await wait_until(lambda: len(worker.batches) == 1)
-        later = [request(2), request(3), request(4)]
-        for item in later:
-            scheduler.submit(item, hint=None)
-        await asyncio.sleep(0.02)
-        assert len(worker.batches) == 1  # one batch at a time: the engine has one thread
-        worker.release.set()
-        await wait_until(lambda: len(worker.batches) == 3)
-        assert worker.batches[1] == [[later[0]], [later[1]]]  # capped at max_batch_groups
+        running = request(1)
+        scheduler.submit(running, key=None)
+        assert scheduler.num_in_flight == 1
+        scheduler.abort(running)
+        assert running.member.aborted and worker.unscheduled == []
+        running.finished_at = time.monotonic()  # the engine ended it
+        assert scheduler.num_in_flight == 0
         await scheduler.stop()
 
     asyncio.run(scenario())
@@ -263,8 +259,8 @@ def test_closing_open_groups_makes_them_ready_and_stops_joining():
     queue.add("a", "k", now=0.0)
     queue.close_open_groups()
     queue.add("b", "k", now=0.0)  # a new group: the closed one takes no one
-    assert queue.take_batch(now=0.0) == [["a"]]
-    assert queue.take_batch(now=1.0) == []
+    assert queue.take_ready(now=0.0) == [["a"]]
+    assert queue.take_ready(now=1.0) == []
 
 
 def test_drain_runs_waiting_groups_at_once():
@@ -273,11 +269,11 @@ def test_drain_runs_waiting_groups_at_once():
         scheduler, _ = make_scheduler(worker, max_wait_s=60.0)
         scheduler.start()
         waiting = request(1)
-        scheduler.submit(waiting, hint="g")
+        scheduler.submit(waiting, key="g")
         await asyncio.sleep(0.02)
-        assert worker.batches == []
+        assert worker.groups == []
         scheduler.drain_soon()
-        await wait_until(lambda: worker.batches == [[[waiting]]])
+        await wait_until(lambda: worker.handed == [[waiting]])
         await scheduler.stop()
 
     asyncio.run(scenario())

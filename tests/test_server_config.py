@@ -25,12 +25,12 @@ def test_defaults():
 def test_environment_is_read_and_flags_win():
     environ = {"GROUPWISE_PORT": "9001", "GROUPWISE_MAX_WAIT_MS": "7.5",
                "GROUPWISE_MODEL": "tiny-random", "GROUPWISE_API_KEY": "k",
-               "GROUPWISE_REPLICA_NAME": "r2", "GROUPWISE_MIN_PREFIX_TOKENS": "12"}
+               "GROUPWISE_REPLICA_NAME": "r2", "GROUPWISE_KV_CACHE_MB": "12.5"}
     settings = Settings.from_sources(["--port", "9002"], environ=environ)
     assert settings.port == 9002  # the flag
     assert settings.max_wait_ms == 7.5 and settings.model == "tiny-random"
     assert settings.api_key == "k" and settings.replica_name == "r2"
-    assert settings.min_prefix_tokens == 12
+    assert settings.kv_cache_mb == 12.5
 
 
 def test_every_setting_has_a_flag_and_an_environment_variable():
@@ -48,6 +48,10 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         (["--dtype", "int3"], {}, "dtype must be one of"),
         (["--max-wait-ms", "-1"], {}, "max_wait_ms must be >= 0"),
         ([], {"GROUPWISE_THREADS": "0"}, "threads must be >= 1"),
+        (["--kv-cache-mb", "0"], {}, "kv_cache_mb must be > 0"),
+        (["--max-prefill-tokens", "0"], {}, "max_prefill_tokens must be >= 1"),
+        (["--csa-scope", "some"], {}, "csa_scope must be one of grouped, all"),
+        (["--api-key", "a,,b"], {}, "api_key must not hold an empty key"),
     ],
 )
 def test_bad_values_are_refused_with_their_source(argv, environ, expected):
@@ -57,6 +61,11 @@ def test_bad_values_are_refused_with_their_source(argv, environ, expected):
 
 def test_api_key_is_not_logged():
     assert Settings(api_key="secret").describe()["api_key"] == "set"
+
+
+def test_a_comma_separated_api_key_is_one_tenant_per_key():
+    assert Settings(api_key="alpha, beta").api_keys == ("alpha", "beta")
+    assert Settings().api_keys == ()
 
 
 def test_main_exits_2_on_a_bad_setting(capsys):

@@ -1,6 +1,6 @@
-"""Failures while serving: 429 when the queue is full, 503 while draining, 500 when the engine
-raises (only that batch fails; the server keeps serving), and clients that leave while queued
-or mid-stream. The engine is gated, so each case happens in a known order, not by timing."""
+"""Failures while serving: 429 when the queue is full, 503 while draining, 500 when an engine
+step raises (what was in the engine fails; the server keeps serving), and clients that leave
+while queued or mid-stream. Engine steps are gated, so each case happens in a known order."""
 
 from __future__ import annotations
 
@@ -30,29 +30,31 @@ def wait_until(condition, timeout=10.0):
         time.sleep(0.005)
 
 
-class GatedGenerate:
-    """Stands in for engine.generate: each batch waits at the gate (in the worker thread), and
-    the first batch can be made to raise instead of generating."""
+class GatedStep:
+    """Stands in for engine.step (in the worker thread): every step runs, then waits at the
+    gate before its events go out; with `fail_first`, the first step raises once the gate
+    opens instead of running."""
 
     def __init__(self, engine, fail_first: bool = False):
-        self._generate = engine.generate
+        self._step = engine.step
         self.gate = threading.Event()
-        self.batches = 0
+        self.steps = 0
         self.fail_first = fail_first
 
-    def __call__(self, groups):
-        self.batches += 1
-        batch = self.batches
-        assert self.gate.wait(20), "the test never opened the gate"
-        if self.fail_first and batch == 1:
+    def __call__(self):
+        self.steps += 1
+        if self.fail_first and self.steps == 1:
+            assert self.gate.wait(20), "the test never opened the gate"
             raise RuntimeError("injected failure")
-        yield from self._generate(groups)
+        events = self._step()
+        assert self.gate.wait(20), "the test never opened the gate"
+        return events
 
 
-def gate_engine(server, monkeypatch, **kwargs) -> GatedGenerate:
+def gate_engine(server, monkeypatch, **kwargs) -> GatedStep:
     engine = server.app.state.services.engine
-    gated = GatedGenerate(engine, **kwargs)
-    monkeypatch.setattr(engine, "generate", gated)
+    gated = GatedStep(engine, **kwargs)
+    monkeypatch.setattr(engine, "step", gated)
     return gated
 
 
@@ -92,17 +94,18 @@ def test_full_queue_is_429_and_a_queued_client_that_leaves_frees_its_slot(start_
     server = start_server(max_queue=1)
     gated = gate_engine(server, monkeypatch)
     running = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 2})
-    wait_until(lambda: gated.batches == 1)  # on the engine, so no longer waiting
+    wait_until(lambda: gated.steps == 1)  # admitted by the engine, so no longer waiting
     waiting = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 2})
-    wait_until(lambda: scheduler_of(server).queue.num_waiting == 1)
+    wait_until(lambda: scheduler_of(server).num_waiting == 1)
     payload = {"context": "c", "questions": ["q"]}
     assert_error(post(server, "/grouped_completions", payload), 429, None, "queue_full",
                  "queue is full")
     assert_error(post(server, "/chat/completions", {"messages": USER}), 429)
-    waiting.close()  # the client gives up: its question leaves the queue
-    wait_until(lambda: scheduler_of(server).queue.num_waiting == 0)
-    assert counter(server, "groupwise:request_success_total", finish_reason="abort") == 1
+    waiting.close()  # the client gives up: the engine drops its question at the next step
     gated.gate.set()
+    wait_until(lambda: counter(server, "groupwise:request_success_total",
+                               finish_reason="abort") == 1)
+    wait_until(lambda: scheduler_of(server).num_waiting == 0)
     assert read_status(running) == 200
     assert post(server, "/chat/completions", {"messages": USER, "max_tokens": 2}).is_success
 
@@ -110,7 +113,7 @@ def test_full_queue_is_429_and_a_queued_client_that_leaves_frees_its_slot(start_
 def test_draining_refuses_new_work_and_finishes_in_flight(server, monkeypatch):
     gated = gate_engine(server, monkeypatch)
     in_flight = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 3})
-    wait_until(lambda: gated.batches == 1)
+    wait_until(lambda: gated.steps == 1)
     begin_drain(server.app)
     assert not is_drained(server.app)
     assert_error(post(server, "/chat/completions", {"messages": USER}), 503, None, "draining")
@@ -121,19 +124,19 @@ def test_draining_refuses_new_work_and_finishes_in_flight(server, monkeypatch):
     wait_until(lambda: is_drained(server.app))
 
 
-def test_engine_failure_fails_only_its_batch(server, monkeypatch):
+def test_a_failed_step_fails_what_is_in_the_engine_and_the_server_goes_on(server, monkeypatch):
     gated = gate_engine(server, monkeypatch, fail_first=True)
     doomed = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 3})
-    wait_until(lambda: gated.batches == 1)
+    wait_until(lambda: gated.steps == 1)
     result = {}
     later = threading.Thread(target=lambda: result.setdefault(
         "response", post(server, "/chat/completions", {"messages": USER, "max_tokens": 3})))
     later.start()
-    wait_until(lambda: scheduler_of(server).queue.num_waiting == 1)
+    wait_until(lambda: scheduler_of(server).num_in_flight == 2)
     gated.gate.set()
     assert read_status(doomed) == 500
     later.join(30)
-    assert result["response"].status_code == 200  # the next batch runs as usual
+    assert result["response"].status_code == 200  # it reached the engine after the failure
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 

@@ -13,8 +13,8 @@ HISTOGRAMS = ["e2e_request_latency_seconds", "time_to_first_token_seconds",
               "request_queue_time_seconds", "time_per_output_token_seconds", "group_size",
               "group_wait_seconds"]
 COUNTERS = ["prompt_tokens", "prompt_tokens_computed", "generation_tokens", "request_success",
-            "requests"]
-GAUGES = ["num_requests_waiting", "num_requests_running"]
+            "requests", "prefix_cache_queries", "prefix_cache_hits"]
+GAUGES = ["num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"]
 PASSAGE = "Water boils at one hundred degrees Celsius at sea level. " * 2
 
 
@@ -112,20 +112,16 @@ def test_header_hint_groups_like_the_body_field(start_server):
     assert value(samples, "group_size_count") == 1 and value(samples, "group_size_sum") == 3
 
 
-def test_shared_prompt_prefix_groups_without_a_hint(start_server):
-    server = start_server(max_group_size=2, max_wait_ms=60000, min_prefix_tokens=64)
+def test_requests_without_a_hint_run_at_once_and_share_the_passage_through_the_cache(
+        start_server):
+    server = start_server(max_group_size=2, max_wait_ms=60000)
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
     with ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(lambda q: ask(client, q), ["First?", "Second?"]))
-    samples = scrape(server)
-    assert value(samples, "group_size_count") == 1 and value(samples, "group_size_sum") == 2
-    assert max(r.usage.prompt_tokens_details.cached_tokens for r in replies) > len(PASSAGE)
-
-
-def test_short_prompts_without_a_hint_run_alone(start_server):
-    server = start_server(max_wait_ms=60000, min_prefix_tokens=10_000)
-    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda q: ask(client, q), ["First?", "Second?"]))
     samples = scrape(server)  # no 60 s wait happened: a group of one is ready at once
     assert value(samples, "group_size_count") == 2 and value(samples, "group_size_sum") == 2
+    assert max(r.usage.prompt_tokens_details.cached_tokens for r in replies) > len(PASSAGE)
+    assert value(samples, "prefix_cache_queries_total") == sum(
+        r.usage.prompt_tokens for r in replies)
+    assert value(samples, "prefix_cache_hits_total") == sum(
+        r.usage.prompt_tokens_details.cached_tokens for r in replies)
