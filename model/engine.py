@@ -218,7 +218,8 @@ class GroupedEngine:
                       for p in prompts]
         for node in row_leaves:
             self.cache.lock(node)  # nothing on the rows' paths may be evicted from now on
-        sizes = [prefix - matched] + [len(p) - node.depth + m.params.max_tokens
+        # each row continues after its own match, or after the prefix the group computes
+        sizes = [prefix - matched] + [len(p) - max(node.depth, prefix) + m.params.max_tokens
                                       for p, node, m in zip(prompts, row_leaves, group.members)]
         starts = self._allocate(sizes)
         if starts is None:

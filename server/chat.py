@@ -109,7 +109,9 @@ def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
     The tenant and the cache salt scope both the prefix cache and the group hint."""
     messages = [message.as_template_message() for message in body.messages]
     prompt_ids = encode_chat(services.loaded.tokenizer, messages)
-    params = sampling_params(body, len(prompt_ids), services.engine.max_context)
+    # a default max_tokens must fit both the context and the whole KV cache
+    room = min(services.engine.max_context, services.engine.pool.capacity)
+    params = sampling_params(body, len(prompt_ids), room)
     namespace = (tenant, body.cache_salt)
     member = Member(prompt_ids, params, namespace=namespace)
     services.engine.check_group([member])

@@ -161,3 +161,33 @@ def test_api_key_guards_every_v1_route(start_server):
     assert reply.usage.completion_tokens >= 1
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.v1, api_key="nope", max_retries=0).models.list()
+
+
+def test_a_request_that_could_never_fit_the_kv_cache_is_400(start_server):
+    server = start_server(kv_cache_mb=0.05)  # about 100 tokens of the tiny model
+    capacity = server.app.state.services.engine.pool.capacity
+    payload = {"messages": USER, "max_tokens": capacity}
+    assert_error(post(server, "/chat/completions", payload), 400, "max_tokens", says="KV cache")
+    grouped = {"context": "c" * 20, "questions": ["q"] * 4, "max_tokens": capacity // 4}
+    assert_error(post(server, "/grouped_completions", grouped), 400, "max_tokens",
+                 says="--kv-cache-mb")
+    assert post(server, "/chat/completions", {"messages": USER, "max_tokens": 2}).is_success
+
+
+def test_each_api_key_is_a_tenant_that_never_shares_cached_prefixes(start_server):
+    server = start_server(api_key="alpha,beta")
+    body = {"messages": [{"role": "user", "content": "A long shared question " * 4}],
+            "max_tokens": 2, "temperature": 0}
+
+    def cached(key: str, **extra) -> int:
+        response = post(server, "/chat/completions", {**body, **extra},
+                        headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("alpha") == 0
+    assert cached("beta") == 0  # the other tenant sees nothing of alpha's prompt
+    assert cached("beta", cache_salt="s") == 0
+    assert cached("alpha") > 0 and cached("beta") > 0
+    assert_error(post(server, "/chat/completions", body, headers={"Authorization": "Bearer x"}),
+                 401, None, "invalid_api_key")
