@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "shares a passage (each group size starts from an empty cache either way)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--weights", default="auto", help="auto, fp32, bf16 or int4")
+    parser.add_argument("--weights", default="fp32", help="fp32, bf16 or int4")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rows", default="1,8,32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--weights", default="auto", help="auto, fp32, bf16 or int4")
+    parser.add_argument("--weights", default="fp32", help="fp32, bf16 or int4")
     parser.add_argument("--hf", action="store_true", help="also time transformers' forward")
     args = parser.parse_args(argv)
     loaded = load_model(args.model, threads=args.threads, weights=args.weights)

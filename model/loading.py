@@ -93,7 +93,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(
     spec: str | None = None, device: str = "auto", dtype: str = "auto",
-    threads: int | None = None, weights: str = "auto",
+    threads: int | None = None, weights: str = "fp32",
 ) -> LoadedModel:
     """`spec`: None or "embedded" for the default, "tiny-random", a .gguf path, a HF id or dir.
     `weights`: the format of the linear layers (see `resolve_weights`)."""
@@ -131,14 +131,14 @@ def load_model(
 
 def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
                     gguf: Path | None) -> str:
-    """auto: int4 on a CPU when the model came from a GGUF (its own Q4_1 blocks), else the
-    weights as loaded ("fp32" names those: float32 on a CPU, --dtype on CUDA). bf16 and int4
-    are CPU formats (torch's fast kernels for them are the CPU ones)."""
+    """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA). bf16 and int4 are CPU
+    formats (torch's fast kernels for them are the CPU ones); int4 comes from a GGUF's own Q4_1
+    blocks when the model is one. They are faster, but their bf16 activations round away the
+    last bits in which a batched and an unbatched computation differ, so grouping can change
+    an answer (README, Weight formats); fp32 is the default for that reason."""
     if weights not in WEIGHT_FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}: use "
                              f"{', '.join(WEIGHT_FORMATS)}")
-    if weights == "auto":
-        return "int4" if device.type == "cpu" and gguf is not None else "fp32"
     if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
         raise ModelLoadError(f"--weights {weights} needs --device cpu and float32 (the rest of "
                              "the step runs in float32)")

@@ -20,7 +20,7 @@ from torch import nn
 
 GROUP_SIZE = 32  # weights per Q4_1 block, and per int4pack scale group
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit values each
-WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int4")
+WEIGHT_FORMATS = ("fp32", "bf16", "int4")
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
 GGUF_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

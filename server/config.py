@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHTS = ("auto", "fp32", "bf16", "int4")
+WEIGHTS = ("fp32", "bf16", "int4")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
 CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
@@ -33,7 +33,7 @@ class Settings:
     csa: str = CSA_AUTO  # "auto", "off" or a checkpoint directory
     device: str = "auto"
     dtype: str = "auto"
-    weights: str = "auto"  # format of the linear layers: auto, fp32, bf16, int4
+    weights: str = "fp32"  # format of the linear layers: fp32, bf16, int4
     threads: int | None = None  # torch intra-op threads; None: torch's default
     csa_scope: str = "grouped"  # grouped: only requests that chose grouped QA; all: every one
     max_group_size: int = 8
@@ -131,8 +131,8 @@ OPTIONS = (
     Option("dtype", "--dtype", "GROUPWISE_DTYPE", str, "a dtype",
            "auto, float32, bfloat16 or float16"),
     Option("weights", "--weights", "GROUPWISE_WEIGHTS", str, "a format",
-           "linear layers: auto (int4 on a CPU for a GGUF model, else as loaded), fp32 (as "
-           "loaded), bf16 or int4 (CPU)"),
+           "linear layers: fp32 (as loaded; grouping never changes an answer), bf16 or int4 "
+           "(CPU: faster, but grouping can change an answer)"),
     Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads"),
     Option("csa_scope", "--csa-scope", "GROUPWISE_CSA_SCOPE", str, "a scope",
            "grouped: CSA and the trained head serve only grouped requests and chat requests "

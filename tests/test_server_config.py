@@ -49,7 +49,7 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         (["--max-wait-ms", "-1"], {}, "max_wait_ms must be >= 0"),
         ([], {"GROUPWISE_THREADS": "0"}, "threads must be >= 1"),
         (["--kv-cache-mb", "0"], {}, "kv_cache_mb must be > 0"),
-        (["--weights", "int3"], {}, "weights must be one of auto, fp32, bf16, int4"),
+        (["--weights", "int3"], {}, "weights must be one of fp32, bf16, int4"),
         (["--max-prefill-tokens", "0"], {}, "max_prefill_tokens must be >= 1"),
         (["--csa-scope", "some"], {}, "csa_scope must be one of grouped, all"),
         (["--api-key", "a,,b"], {}, "api_key must not hold an empty key"),
