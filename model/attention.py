@@ -21,7 +21,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None, scale: float):
+    """Softmax attention that also returns the log-sum-exp of each query's scores, which the
+    cascade merge needs. q [B, H, Q, D], k / v [B, H, L, D], mask additive [B, 1, Q, L] or
+    None -> (out [B, H, Q, D], lse [B, H, Q] in fp32). On a CPU, torch's fused flash kernel."""
+    if q.device.type == "cpu":
+        cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return cpu_flash(q, k, v, attn_mask=mask, scale=scale)
+    return plain_attention_with_lse(q, k, v, mask, scale)
+
+
+def plain_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None, scale: float):
+    """`attention_with_lse` in plain tensor ops, for devices without the CPU kernel."""
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype)
+    return weights @ v, lse
 
 
 @dataclass(frozen=True)
@@ -85,15 +105,15 @@ def _decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: Dec
         queries = grouped[part.first_row : part.end_row].permute(1, 0, 2, 3)
         queries = queries.reshape(1, num_kv_heads, count * per_kv, head_dim)
         end = part.start + part.length
-        out, lse = _flash(queries, keys[None, :, part.start : end],
-                          values[None, :, part.start : end], scale=scale)
+        out, lse = attention_with_lse(queries, keys[None, :, part.start : end],
+                                      values[None, :, part.start : end], None, scale)
         outputs[part.depth, part.first_row : part.end_row] = (
             out[0].view(num_kv_heads, count, per_kv, head_dim).transpose(0, 1))
         lses[part.depth, part.first_row : part.end_row] = (
             lse[0].view(num_kv_heads, count, per_kv).transpose(0, 1))
     tail_keys = keys[:, plan.tail_index].transpose(0, 1)  # [R, Hkv, T, D]
     tail_values = values[:, plan.tail_index].transpose(0, 1)
-    out, lse = _flash(grouped, tail_keys, tail_values, attn_mask=plan.tail_mask, scale=scale)
+    out, lse = attention_with_lse(grouped, tail_keys, tail_values, plan.tail_mask, scale)
     outputs[-1], lses[-1] = out, lse
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).to(q.dtype).unsqueeze(-1)

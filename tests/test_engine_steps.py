@@ -5,12 +5,14 @@ tenant isolation and failure isolation (tiny random model, greedy, CSA off)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import model.engine as engine_module
 from model.engine import EngineInputError, GroupedEngine, Member
 from model.kv_pool import PoolShape
+from model.prompts import encode_chat, question_messages
 from model.sampling import SamplingParams
-from tests.test_engine import CONTEXTS, prompts_for, reference_greedy, run
+from tests.test_engine import CONTEXTS, QUESTIONS, prompts_for, reference_greedy, run
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +223,29 @@ def test_a_request_is_admitted_when_exactly_its_worst_case_fits(tiny):
     assert engine.pool.capacity == tokens
     (member,) = members([prompt], max_tokens=6)
     assert run(engine, [[member]])[member]["ids"] == expected(tiny, engine, member)
+
+
+def test_qwen2_with_its_q_k_v_biases_decodes_as_the_reference():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        initializer_range=0.3, tie_word_embeddings=False, rope_theta=1e6,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    for layer in qwen.model.layers:  # biases that matter, so a forward that drops them fails
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                           layer.self_attn.v_proj):
+            torch.nn.init.normal_(projection.bias, std=1.0)
+    engine = GroupedEngine(qwen, tokenizer)
+    group = members([encode_chat(tokenizer, question_messages(CONTEXTS[0], q))
+                     for q in QUESTIONS[:3]])
+    results = run(engine, [group])
+    for member in group:
+        assert results[member]["ids"] == reference_greedy(qwen, member.prompt_ids, 8,
+                                                          engine.eos_token_ids)
