@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from model.engine import EngineInputError
-from server.scheduler import QueueFullError
+from server.scheduler import QueueFullError, TooManyQuestionsError
 
 log = logging.getLogger("groupwise.server")
 
@@ -97,8 +97,15 @@ async def _on_http_exception(request: Request, exc: HTTPException) -> JSONRespon
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
 
+RETRY_AFTER_S = 1  # a step frees room within seconds; clients back off from there
+
+
 async def _on_queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-    return error_response(429, str(exc))
+    return error_response(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _on_too_many_questions(request: Request, exc: TooManyQuestionsError) -> JSONResponse:
+    return error_response(400, str(exc), "questions")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -108,3 +115,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineInputError, _on_engine_input_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_exception_handler(QueueFullError, _on_queue_full)
+    app.add_exception_handler(TooManyQuestionsError, _on_too_many_questions)

@@ -23,7 +23,11 @@ from model.request import Status
 
 
 class QueueFullError(Exception):
-    pass
+    """No room in the queue now: retry later (429)."""
+
+
+class TooManyQuestionsError(ValueError):
+    """More questions in one request than the queue can ever hold (400)."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,10 @@ class Scheduler:
             request.member.abort()
 
     def _reserve(self, count: int) -> None:
+        if count > self._max_queue:
+            raise TooManyQuestionsError(
+                f"this request has {count} questions, more than the {self._max_queue} the "
+                "server's queue can hold (--max-queue); send them in smaller requests")
         waiting = self.num_waiting
         if waiting + count > self._max_queue:
             raise QueueFullError(

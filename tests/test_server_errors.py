@@ -191,3 +191,12 @@ def test_each_api_key_is_a_tenant_that_never_shares_cached_prefixes(start_server
     assert cached("alpha") > 0 and cached("beta") > 0
     assert_error(post(server, "/chat/completions", body, headers={"Authorization": "Bearer x"}),
                  401, None, "invalid_api_key")
+
+
+def test_more_questions_than_the_queue_can_ever_hold_is_400_not_429(start_server):
+    server = start_server(max_queue=3)
+    payload = {"context": "c", "questions": ["q1", "q2", "q3", "q4"], "max_tokens": 2}
+    assert_error(post(server, "/grouped_completions", payload), 400, "questions",
+                 "invalid_value", "more than the 3")
+    payload["questions"] = payload["questions"][:3]
+    assert post(server, "/grouped_completions", payload).is_success

@@ -98,8 +98,9 @@ def test_full_queue_is_429_and_a_queued_client_that_leaves_frees_its_slot(start_
     waiting = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 2})
     wait_until(lambda: scheduler_of(server).num_waiting == 1)
     payload = {"context": "c", "questions": ["q"]}
-    assert_error(post(server, "/grouped_completions", payload), 429, None, "queue_full",
-                 "queue is full")
+    refused = post(server, "/grouped_completions", payload)
+    assert_error(refused, 429, None, "queue_full", "queue is full")
+    assert refused.headers["retry-after"] == "1"
     assert_error(post(server, "/chat/completions", {"messages": USER}), 429)
     waiting.close()  # the client gives up: the engine drops its question at the next step
     gated.gate.set()
