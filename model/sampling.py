@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as vLLM: dividing by them overflows
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as OpenAI's seed
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,7 +23,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
     def problems(self) -> list[str]:
         """What is wrong with these params, as `field: reason` strings (empty if valid)."""
@@ -33,6 +36,8 @@ class SamplingParams:
             found.append(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             found.append(f"top_k: must be >= 0, got {self.top_k}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            found.append(f"seed: must be a 64-bit signed integer, got {self.seed}")
         if any(not s for s in self.stop):
             found.append("stop: stop strings must not be empty")
         return found

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.sampling import SEED_RANGE
+
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TEXT_CHARS = 2_000_000
 MAX_QUESTIONS = 256
@@ -68,7 +70,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # an extension, as in vLLM: 0 or None means off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     # accepted only at their neutral values: anything else would be silently ignored
     frequency_penalty: float | None = Field(None, ge=0, le=0)
@@ -138,7 +140,7 @@ class GroupedCompletionRequest(BaseModel):
     max_tokens: int = Field(96, ge=1)  # the research protocol's budget
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)

@@ -200,3 +200,19 @@ def test_more_questions_than_the_queue_can_ever_hold_is_400_not_429(start_server
                  "invalid_value", "more than the 3")
     payload["questions"] = payload["questions"][:3]
     assert post(server, "/grouped_completions", payload).is_success
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/grouped_completions"])
+def test_poisoned_sampling_parameters_fail_alone_or_are_refused(server, path):
+    body = ({"messages": USER} if path == "/chat/completions"
+            else {"context": "c", "questions": ["q"]})
+    body["max_tokens"] = 4
+    assert_error(post(server, path, {**body, "seed": 2**64}), 400, "seed")
+    greedy = post(server, path, {**body, "temperature": 0})
+    tiny = post(server, path, {**body, "temperature": 1e-38})  # greedy, not inf / NaN
+    assert greedy.status_code == tiny.status_code == 200
+    if path == "/chat/completions":
+        assert (tiny.json()["choices"][0]["message"]["content"]
+                == greedy.json()["choices"][0]["message"]["content"])
+    else:
+        assert tiny.json()["answers"][0]["text"] == greedy.json()["answers"][0]["text"]
