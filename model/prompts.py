@@ -18,11 +18,12 @@ ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 def question_messages(context: str, question: str, system_prompt: str | None = None) -> list[dict]:
     """System prompt and passage come first so every question about a passage shares them
-    as a token prefix; only the question differs."""
-    return [
-        {"role": "system", "content": system_prompt or ANSWER_SYSTEM_PROMPT},
-        {"role": "user", "content": f"Passage:\n{context}\n\nQuestion: {question}"},
-    ]
+    as a token prefix; only the question differs. `system_prompt` None: the answer-in-tags
+    prompt; "": no system message at all."""
+    user = {"role": "user", "content": f"Passage:\n{context}\n\nQuestion: {question}"}
+    if system_prompt == "":
+        return [user]
+    return [{"role": "system", "content": system_prompt or ANSWER_SYSTEM_PROMPT}, user]
 
 
 def extract_answer(text: str) -> str | None:

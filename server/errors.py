@@ -68,6 +68,8 @@ def validation_message(error: dict) -> tuple[str, str | None]:
         detail = (error.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON: {detail}".rstrip(": "), None
     message = str(error.get("msg", "is invalid")).removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        message = "unsupported field (nothing a request asks for is silently ignored)"
     if param is None and error.get("type") == "value_error":  # a check of the whole body
         return message, None
     if param is None:

@@ -135,14 +135,26 @@ def _enqueue(body: GroupedCompletionRequest, tenant: int,
         try:
             services.engine.check_member(member)
         except EngineInputError as exc:
-            param = "context" if exc.param == "messages" else exc.param
-            raise EngineInputError(f"questions[{index}]: {exc}", param) from None
+            raise _name_the_field(exc, body, index, services) from None
         requests.append(ServerRequest(member, events, index=index))
     size = services.settings.max_group_size
     for start in range(0, len(requests), size):  # the groups the scheduler will form
         services.engine.check_group([r.member for r in requests[start : start + size]])
     services.scheduler.submit_group(requests)
     return requests
+
+
+def _name_the_field(error: EngineInputError, body: GroupedCompletionRequest, index: int,
+                    services: Services) -> EngineInputError:
+    """The engine speaks of a prompt; the client sent a context and questions. A prompt too
+    long with any question is the context's fault; otherwise it is this question's."""
+    if error.param != "messages":
+        return EngineInputError(f"questions[{index}]: {error}", error.param)
+    bare = question_messages(body.context, "", body.system_prompt)
+    if len(encode_chat(services.loaded.tokenizer, bare)) >= services.engine.max_context:
+        return EngineInputError(f"context: {error}", "context")
+    field = f"questions[{index}].question"
+    return EngineInputError(f"{field}: {error}", field)
 
 
 async def _collect(item, events: asyncio.Queue, watcher, reply: GroupedReply) -> dict:

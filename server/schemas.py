@@ -7,9 +7,17 @@ names a plain field path (`messages[0].content`), never a union branch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+)
 
 from model.sampling import SEED_RANGE
 
@@ -17,10 +25,16 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TEXT_CHARS = 2_000_000
 MAX_QUESTIONS = 256
 MAX_ID_CHARS = 256
-# OpenAI fields that do not change what is generated: accepted, not used
-INFORMATIONAL_FIELDS = frozenset(
-    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key"}
-)
+
+
+def _json_number(value):
+    """A JSON number: never a string or a boolean coerced into one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_json_number)]
 
 
 def _stop_list(value):
@@ -56,31 +70,40 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    # unknown fields are kept so that `refuse_unknown_fields` can name them in its error
-    model_config = ConfigDict(extra="allow")
+    # an unknown field is an error naming it: nothing a client asks for is silently dropped
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, max_length=MAX_ID_CHARS)
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # an extension, as in vLLM: 0 or None means off
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0)  # an extension, as in vLLM: 0 or None: off
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     # accepted only at their neutral values: anything else would be silently ignored
-    frequency_penalty: float | None = Field(None, ge=0, le=0)
-    presence_penalty: float | None = Field(None, ge=0, le=0)
+    frequency_penalty: Number | None = Field(None, ge=0, le=0)
+    presence_penalty: Number | None = Field(None, ge=0, le=0)
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
-    logprobs: bool | None = None
+    n: StrictInt | None = 1
+    logprobs: StrictBool | None = None
     tools: list | None = None
+    # OpenAI fields that do not change what is generated: accepted, not used
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    prompt_cache_key: Any = None
     group_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
 
@@ -103,16 +126,9 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("tools")
     @classmethod
     def no_tools(cls, value):
-        if value:
+        if value is not None:  # even an empty list: a client that sends tools expects them
             raise ValueError("tools are not supported")
         return value
-
-    @model_validator(mode="after")
-    def refuse_unknown_fields(self):
-        unknown = sorted(set(self.model_extra or {}) - INFORMATIONAL_FIELDS)
-        if unknown:
-            raise ValueError(f"unsupported field(s): {', '.join(unknown)}")
-        return self
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -137,12 +153,12 @@ class GroupedCompletionRequest(BaseModel):
     context: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     questions: list[GroupedQuestion] = Field(min_length=1, max_length=MAX_QUESTIONS)
     system_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
-    max_tokens: int = Field(96, ge=1)  # the research protocol's budget
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    max_tokens: StrictInt = Field(96, ge=1)  # the research protocol's budget
+    temperature: Number = Field(0.0, ge=0, le=2)
+    top_p: Number = Field(1.0, gt=0, le=1)
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    stream: bool = False
+    stream: StrictBool = False
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
 
     _normalise_stop = field_validator("stop", mode="before")(_stop_list)
@@ -157,9 +173,11 @@ class GroupedCompletionRequest(BaseModel):
     @field_validator("questions")
     @classmethod
     def unique_ids(cls, value):
-        ids = [q.id for q in value if q.id is not None]
+        """Answers are told apart by id: a question without one is known by its index."""
+        ids = [q.id if q.id is not None else str(i) for i, q in enumerate(value)]
         if len(ids) != len(set(ids)):
-            raise ValueError("question ids must be unique")
+            raise ValueError("question ids must be unique (a question without an id is "
+                             "known by its index as a string)")
         return value
 
     def question_id(self, index: int) -> str:

@@ -69,6 +69,13 @@ def test_invalid_json_is_400(server, path):
         ({"messages": USER, "presence_penalty": -1}, "presence_penalty"),
         ({"messages": USER, "logit_bias": {"42": 5}}, "logit_bias"),
         ({"messages": USER, "top_k": -1}, "top_k"),
+        ({"messages": USER, "max_tokens": "5"}, "max_tokens"),  # no silent coercion
+        ({"messages": USER, "max_tokens": True}, "max_tokens"),
+        ({"messages": USER, "temperature": "0.5"}, "temperature"),
+        ({"messages": USER, "stream": "yes"}, "stream"),
+        ({"messages": USER, "stream_options": {"include_usage": True, "x": 1}},
+         "stream_options.x"),
+        ({"messages": USER, "tools": []}, "tools"),
     ],
 )
 def test_invalid_chat_fields_are_400_naming_the_field(server, payload, param):
@@ -77,8 +84,8 @@ def test_invalid_chat_fields_are_400_naming_the_field(server, payload, param):
 
 def test_unknown_chat_fields_are_named_not_dropped(server):
     payload = {"messages": USER, "max_tokens": 2, "mirostat": 2, "best_of": 3}
-    assert_error(post(server, "/chat/completions", payload), 400, None,
-                 says="unsupported field(s): best_of, mirostat")
+    assert_error(post(server, "/chat/completions", payload), 400, "mirostat",
+                 says="mirostat: unsupported field")
     neutral = {"messages": USER, "max_tokens": 2, "user": "u1", "frequency_penalty": 0,
                "logit_bias": {}, "top_k": 5}
     assert post(server, "/chat/completions", neutral).status_code == 200
@@ -103,6 +110,9 @@ def test_n_other_than_1_is_refused_through_the_openai_client(server):
          "questions"),
         ({"context": "c", "questions": ["q"], "contxt": "typo"}, "contxt"),
         ({"context": "c", "questions": ["q"], "max_tokens": -1}, "max_tokens"),
+        ({"context": "c", "questions": ["q"], "max_tokens": "5"}, "max_tokens"),
+        ({"context": "c", "questions": ["q"], "stream": 1}, "stream"),
+        ({"context": "c", "questions": ["a", {"id": "0", "question": "b"}]}, "questions"),
     ],
 )
 def test_invalid_grouped_fields_are_400_naming_the_field(server, payload, param):
@@ -120,6 +130,11 @@ def test_prompt_longer_than_the_context_names_both_lengths(server, tiny_model):
     too_long = {"context": "x" * (limit + 10), "questions": ["a", "b"]}
     error = assert_error(post(server, "/grouped_completions", too_long), 400, "context")
     assert f"maximum context length is {limit} tokens" in error["message"]
+    assert error["message"].startswith("context: ")
+    long_question = {"context": "short", "questions": ["a", "x" * (limit + 10)]}
+    error = assert_error(post(server, "/grouped_completions", long_question), 400,
+                         "questions[1].question")
+    assert error["message"].startswith("questions[1].question: ")
 
 
 def test_completion_budget_past_the_context_is_400_on_max_tokens(server, tiny_model):

@@ -134,3 +134,12 @@ def test_concurrent_grouped_requests_get_their_own_answers(server):
 def _histogram(histogram, suffix: str) -> float:
     (family,) = histogram.collect()
     return next(s.value for s in family.samples if s.name.endswith(suffix))
+
+
+def test_an_empty_system_prompt_means_none(server, tiny_model):
+    body = grouped(server, questions=QUESTIONS[:1], system_prompt="", max_tokens=2).json()
+    user = {"role": "user", "content": f"Passage:\n{CONTEXT}\n\nQuestion: {QUESTIONS[0]}"}
+    expected = len(encode_chat(tiny_model.tokenizer, [user]))
+    assert body["answers"][0]["usage"]["prompt_tokens"] == expected
+    default = grouped(server, questions=QUESTIONS[:1], max_tokens=2).json()
+    assert default["answers"][0]["usage"]["prompt_tokens"] > expected
