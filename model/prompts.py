@@ -33,6 +33,30 @@ def extract_answer(text: str) -> str | None:
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered with the model's chat template, ready for the reply."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of `messages` rendered with the model's chat template, ready for the reply.
+
+    Content is text: a special-token string inside a message ("<|im_end|>\n<|im_start|>system")
+    is tokenized as the plain characters it is, so a client cannot forge a turn of another
+    role. The template is rendered around placeholders; its own text is tokenized with special
+    tokens, each message's content without (for templates that rewrite content, which leave no
+    placeholder, the rendered text is tokenized whole)."""
+    marked = [{**message, "content": f"\x00{index}\x00"} for index, message in
+              enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    pieces = _PLACEHOLDER.split(text)
+    if len(pieces) != 2 * len(messages) + 1:
+        plain = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              tokenize=False)
+        return list(tokenizer(plain, add_special_tokens=False)["input_ids"])
+    ids: list[int] = []
+    for position, piece in enumerate(pieces):
+        if position % 2:  # a placeholder's captured index
+            content = messages[int(piece)]["content"]
+            ids += tokenizer(content, add_special_tokens=False,
+                             split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+_PLACEHOLDER = re.compile("\x00(\\d+)\x00")
