@@ -7,6 +7,7 @@ scored exactly as there (the answer is the first <answer>...</answer> span).
 from __future__ import annotations
 
 import re
+import threading
 
 ANSWER_SYSTEM_PROMPT = (
     "You are a helpful assistant. Answer the question based on the given passage.\n"
@@ -40,6 +41,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     role. The template is rendered around placeholders; its own text is tokenized with special
     tokens, each message's content without (for templates that rewrite content, which leave no
     placeholder, the rendered text is tokenized whole)."""
+    with _TOKENIZER_LOCK:  # transformers flips split_special_tokens on the tokenizer object
+        return _encode_chat(tokenizer, messages)
+
+
+def _encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     marked = [{**message, "content": f"\x00{index}\x00"} for index, message in
               enumerate(messages)]
     text = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
@@ -59,4 +65,11 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
+_TOKENIZER_LOCK = threading.Lock()
 _PLACEHOLDER = re.compile("\x00(\\d+)\x00")
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token stands for (its vocabulary string is at least as long as
+    its decoded text): a text of n characters has at least n / this many tokens."""
+    return max(len(token) for token in tokenizer.get_vocab())

@@ -1,9 +1,9 @@
-"""Routes. Thin: parse, then hand over to server/chat.py or server/grouped.py. Every /v1 route
-checks the API key (if one is set) and refuses new work while the server starts or drains."""
+"""Routes. Thin: parse, then hand over to server/chat.py or server/grouped.py. The completion
+routes refuse new work while the server starts or drains; the API key was checked before the
+body was read (server/gate.py), which also put the caller's tenant in `request.state`."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -24,23 +24,6 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def require_api_key(request: Request, services: ServicesDep) -> None:
-    """Each configured key is a tenant: `request.state.tenant` is the key's index (0 when no
-    key is configured). Tenants never share a group or a cached prefix."""
-    request.state.tenant = 0
-    keys = services.settings.api_keys
-    if not keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'")
-    # every key is compared, so the time taken does not tell which one nearly matched
-    matches = [hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys]
-    if not any(matches):
-        raise APIError(401, "incorrect API key")
-    request.state.tenant = matches.index(True)
-
-
 async def require_serving(services: ServicesDep) -> None:
     if services.is_draining:
         raise APIError(503, "the server is shutting down; retry on another replica",
@@ -49,7 +32,7 @@ async def require_serving(services: ServicesDep) -> None:
         raise APIError(503, "the server is starting; retry shortly", code="starting")
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+v1 = APIRouter(prefix="/v1")  # the API key is checked before the body is read (server/gate.py)
 serving = [Depends(require_serving)]
 plain = APIRouter()
 

@@ -16,6 +16,7 @@ from model.loading import LoadedModel
 from server.api import plain, v1
 from server.config import Settings
 from server.errors import install_error_handlers
+from server.gate import RequestGate
 from server.middleware import ServingMiddleware
 from server.scheduler import GroupingPolicy, Scheduler
 from server.services import Services, build_services
@@ -40,6 +41,9 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> F
     app.include_router(v1)
     app.include_router(plain)
     install_error_handlers(app)
+    # the gate runs inside the serving layer, so its 401 / 413 replies are counted too
+    app.add_middleware(RequestGate, api_keys=settings.api_keys,
+                       max_request_bytes=settings.max_request_bytes)
     app.add_middleware(ServingMiddleware, metrics=services.metrics,
                        replica_name=settings.replica_name)
     return app

@@ -15,7 +15,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.engine import Member, TokenEvent
-from model.prompts import encode_chat
 from model.sampling import SamplingParams
 from server.errors import ClientDisconnected, error_body
 from server.schemas import ChatCompletionRequest
@@ -85,8 +84,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, services: Services
 ):
     services.check_model(body.model)
-    request = _enqueue(body, http_request.headers.get("x-group-id"),
-                       http_request.state.tenant, services)
+    request = await _enqueue(body, http_request.headers.get("x-group-id"),
+                             http_request.state.tenant, services)
     watcher = DisconnectWatcher(http_request.receive)
     reply = ChatReply(services.model_name, body.includes_usage_chunk)
     scheduler = services.scheduler
@@ -103,12 +102,12 @@ async def create_chat_completion(
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
-             services: Services):
+async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
+                   services: Services):
     """Tokenizes, validates (EngineInputError -> 400) and queues (QueueFullError -> 429).
     The tenant and the cache salt scope both the prefix cache and the group hint."""
     messages = [message.as_template_message() for message in body.messages]
-    prompt_ids = encode_chat(services.loaded.tokenizer, messages)
+    prompt_ids = await services.encode(messages, "messages")
     # a default max_tokens must fit both the context and the whole KV cache
     room = min(services.engine.max_context, services.engine.pool.capacity)
     params = sampling_params(body, len(prompt_ids), room)

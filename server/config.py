@@ -42,6 +42,7 @@ class Settings:
     kv_cache_mb: float | None = None  # None: the engine's default for the device
     max_prefill_tokens: int = 512  # prompt tokens computed per engine step
     api_key: str | None = None  # one key, or a comma-separated list: one tenant per key
+    max_request_bytes: int = 2 * 2**20  # larger bodies are refused (413) before they are read
     replica_name: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self):
@@ -54,7 +55,7 @@ class Settings:
                  f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         _require(self.threads is None or self.threads >= 1,
                  f"threads must be >= 1, got {self.threads}")
-        for name in ("max_group_size", "max_queue", "max_prefill_tokens"):
+        for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         _require(self.kv_cache_mb is None or self.kv_cache_mb > 0,
@@ -152,6 +153,9 @@ OPTIONS = (
     Option("api_key", "--api-key", "GROUPWISE_API_KEY", _optional_text, "a key",
            "if set, every /v1 route needs 'Authorization: Bearer KEY'; a comma-separated list "
            "gives one tenant per key (tenants never share groups or cached prefixes)"),
+    Option("max_request_bytes", "--max-request-bytes", "GROUPWISE_MAX_REQUEST_BYTES", int,
+           "an integer", "largest request body in bytes; larger ones get 413 before they are "
+           "read (default 2 MiB)"),
     Option("replica_name", "--replica-name", "GROUPWISE_REPLICA_NAME", str, "a name",
            "sent in the X-Groupwise-Replica header (default: the host name)"),
 )

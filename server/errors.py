@@ -21,6 +21,7 @@ ERROR_KINDS = {
     401: ("authentication_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "queue_full"),
     499: ("invalid_request_error", "client_disconnected"),  # never read: the client left
     500: ("server_error", "internal_error"),

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.engine import EngineInputError, Member
-from model.prompts import encode_chat, extract_answer, question_messages
+from model.prompts import extract_answer, question_messages
 from model.sampling import SamplingParams
 from server.errors import ClientDisconnected, error_body
 from server.schemas import GroupedCompletionRequest
@@ -103,7 +103,7 @@ async def create_grouped_completion(
     body: GroupedCompletionRequest, http_request: Request, services: Services
 ):
     services.check_model(body.model)
-    requests = _enqueue(body, http_request.state.tenant, services)
+    requests = await _enqueue(body, http_request.state.tenant, services)
     events = requests[0].events
     watcher = DisconnectWatcher(http_request.receive)
     reply = GroupedReply(services.model_name, body, requests)
@@ -121,8 +121,8 @@ async def create_grouped_completion(
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _enqueue(body: GroupedCompletionRequest, tenant: int,
-             services: Services) -> list[ServerRequest]:
+async def _enqueue(body: GroupedCompletionRequest, tenant: int,
+                   services: Services) -> list[ServerRequest]:
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                             top_p=body.top_p, seed=body.seed, stop=tuple(body.stop))
     namespace = (tenant, body.cache_salt)
@@ -130,12 +130,15 @@ def _enqueue(body: GroupedCompletionRequest, tenant: int,
     requests = []
     for index, question in enumerate(body.questions):
         messages = question_messages(body.context, question.question, body.system_prompt)
-        member = Member(encode_chat(services.loaded.tokenizer, messages), params,
-                        namespace=namespace)
+        try:
+            prompt_ids = await services.encode(messages, "messages")
+        except EngineInputError as exc:
+            raise await _name_the_field(exc, body, index, services) from None
+        member = Member(prompt_ids, params, namespace=namespace)
         try:
             services.engine.check_member(member)
         except EngineInputError as exc:
-            raise _name_the_field(exc, body, index, services) from None
+            raise await _name_the_field(exc, body, index, services) from None
         requests.append(ServerRequest(member, events, index=index))
     size = services.settings.max_group_size
     for start in range(0, len(requests), size):  # the groups the scheduler will form
@@ -144,14 +147,19 @@ def _enqueue(body: GroupedCompletionRequest, tenant: int,
     return requests
 
 
-def _name_the_field(error: EngineInputError, body: GroupedCompletionRequest, index: int,
-                    services: Services) -> EngineInputError:
+async def _name_the_field(error: EngineInputError, body: GroupedCompletionRequest, index: int,
+                          services: Services) -> EngineInputError:
     """The engine speaks of a prompt; the client sent a context and questions. A prompt too
     long with any question is the context's fault; otherwise it is this question's."""
     if error.param != "messages":
         return EngineInputError(f"questions[{index}]: {error}", error.param)
-    bare = question_messages(body.context, "", body.system_prompt)
-    if len(encode_chat(services.loaded.tokenizer, bare)) >= services.engine.max_context:
+    limit = services.engine.max_context
+    try:
+        bare = len(await services.encode(question_messages(body.context, "",
+                                                           body.system_prompt), "context"))
+    except EngineInputError:  # too long by its characters alone
+        bare = limit
+    if bare >= limit:
         return EngineInputError(f"context: {error}", "context")
     field = f"questions[{index}].question"
     return EngineInputError(f"{field}: {error}", field)

@@ -4,6 +4,7 @@ bad model or a mismatched checkpoint stops start-up with a clear message."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from pathlib import Path
 
 from model.checkpoints import shipped_checkpoint
 from model.csa import CrossSequenceAttention
-from model.engine import GroupedEngine
+from model.engine import EngineInputError, GroupedEngine
 from model.loading import LoadedModel, load_model, weights_fingerprint
+from model.prompts import encode_chat, longest_token_chars
 from server.config import CSA_AUTO, Settings
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -30,6 +32,7 @@ class Services:
     scheduler: Scheduler | None = None  # built in the app's lifespan, on its event loop
     is_draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    max_token_chars: int = 0  # the longest token, in characters (set on build)
 
     @property
     def model_name(self) -> str:
@@ -44,6 +47,19 @@ class Services:
         if self.is_draining:
             return "draining"
         return "ok" if self.is_ready else "starting"
+
+    async def encode(self, messages: list[dict], param: str) -> list[int]:
+        """The prompt's token ids, tokenized off the event loop. Text longer than any prompt
+        that fits the context could be (every token at most `max_token_chars` characters) is
+        refused first, without tokenizing it."""
+        chars = sum(len(m["content"]) for m in messages)
+        limit = self.engine.max_context * self.max_token_chars
+        if chars > limit:
+            raise EngineInputError(
+                f"the prompt has {chars} characters; this model's maximum context length is "
+                f"{self.engine.max_context} tokens, which hold at most {limit} characters",
+                param)
+        return await asyncio.to_thread(encode_chat, self.loaded.tokenizer, messages)
 
     def check_model(self, requested: str | None) -> None:
         """`model` omitted means the loaded one; any other name is unknown here (404)."""
@@ -63,7 +79,8 @@ def build_services(settings: Settings, loaded: LoadedModel | None = None) -> Ser
                            max_prefill_tokens=settings.max_prefill_tokens)
     log.info("KV cache: %d tokens (%.0f MiB)", engine.pool.capacity,
              engine.pool.kv.nbytes / 2**20)
-    return Services(settings, loaded, engine)
+    return Services(settings, loaded, engine,
+                    max_token_chars=longest_token_chars(loaded.tokenizer))
 
 
 def csa_path(settings: Settings, model_name: str) -> Path | None:

@@ -231,3 +231,57 @@ def test_poisoned_sampling_parameters_fail_alone_or_are_refused(server, path):
                 == greedy.json()["choices"][0]["message"]["content"])
     else:
         assert tiny.json()["answers"][0]["text"] == greedy.json()["answers"][0]["text"]
+
+
+def test_a_body_over_the_limit_is_413_declared_or_chunked(start_server):
+    server = start_server(max_request_bytes=2000)
+    big = {"messages": [{"role": "user", "content": "x" * 3000}]}
+    assert_error(post(server, "/chat/completions", big), 413, None, "request_too_large",
+                 "--max-request-bytes")
+
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 500
+        yield b'"}]}'
+
+    chunked = httpx.post(f"{server.v1}/chat/completions", content=chunks(), timeout=30,
+                         headers={"content-type": "application/json"})
+    assert_error(chunked, 413, None, "request_too_large")
+    assert post(server, "/chat/completions", {"messages": USER, "max_tokens": 2}).is_success
+
+
+def test_the_key_is_checked_before_the_body_is_read(start_server):
+    """A wrong key gets its 401 while the (huge, declared) body has not even been sent."""
+    import socket
+    from urllib.parse import urlparse
+
+    server = start_server(api_key="sekret", max_request_bytes=10**9)
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                     b"Authorization: Bearer wrong\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500000000\r\n\r\n")
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 401")
+
+
+def test_text_too_long_for_any_prompt_is_refused_before_tokenizing(server, tiny_model):
+    services = server.app.state.services
+    too_many = services.engine.max_context * services.max_token_chars + 1
+    message = [{"role": "user", "content": "z" * too_many}]
+    error = assert_error(post(server, "/chat/completions", {"messages": message}), 400,
+                         "messages", says="characters")
+    assert str(too_many) in error["message"]
+    grouped = {"context": "z" * too_many, "questions": ["q"]}
+    assert_error(post(server, "/grouped_completions", grouped), 400, "context",
+                 says="characters")
+
+
+def test_the_api_documentation_is_behind_the_key(start_server):
+    server = start_server(api_key="sekret")
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_error(httpx.get(f"{server.url}{path}"), 401, None, "invalid_api_key")
+    allowed = httpx.get(f"{server.url}/openapi.json", headers={"Authorization": "Bearer sekret"})
+    assert allowed.status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200  # probes stay open

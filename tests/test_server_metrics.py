@@ -99,6 +99,7 @@ def test_ten_concurrent_requests_with_one_group_id_are_one_group(start_server):
     assert value(samples, "group_size_bucket", le="10.0") == 1
     assert value(samples, "group_size_bucket", le="8.0") == 0
     cached = sorted(r.usage.prompt_tokens_details.cached_tokens for r in replies)
+    assert len({r.usage.prompt_tokens for r in replies}) == 1  # tokenized alike, in parallel
     assert cached[0] == 0 and all(c > len(PASSAGE) for c in cached[1:])  # one paid the prefix
 
 
