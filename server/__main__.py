@@ -16,6 +16,7 @@ from model.csa import CheckpointMismatchError
 from model.loading import ModelLoadError
 from server.app import begin_drain, create_app, is_drained
 from server.config import Settings, SettingsError
+from server.connections import uvicorn_config
 
 log = logging.getLogger("groupwise.server")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, CheckpointMismatchError, FileNotFoundError) as exc:
         print(f"groupwise: cannot start: {exc}", file=sys.stderr)
         return 1
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+    config = uvicorn_config(app, settings.host, settings.port,
+                            header_timeout_s=settings.header_timeout_s,
+                            body_timeout_s=settings.body_timeout_s,
+                            max_connections=settings.max_connections, log_level="info",
                             timeout_graceful_shutdown=30)
     DrainingServer(config).run()
     return 0

@@ -43,6 +43,9 @@ class Settings:
     max_prefill_tokens: int = 512  # prompt tokens computed per engine step
     api_key: str | None = None  # one key, or a comma-separated list: one tenant per key
     max_request_bytes: int = 2 * 2**20  # larger bodies are refused (413) before they are read
+    header_timeout_s: float = 10.0  # to send a request's headers, else the connection closes
+    body_timeout_s: float = 30.0  # to send the body after the headers
+    max_connections: int = 1024  # open connections and requests; beyond it: 503
     replica_name: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self):
@@ -58,6 +61,10 @@ class Settings:
         for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _require(self.max_connections >= 1,
+                 f"max_connections must be >= 1, got {self.max_connections}")
         _require(self.kv_cache_mb is None or self.kv_cache_mb > 0,
                  f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         _require(bool(self.csa), "csa must be 'auto', 'off' or a checkpoint directory")
@@ -156,6 +163,12 @@ OPTIONS = (
     Option("max_request_bytes", "--max-request-bytes", "GROUPWISE_MAX_REQUEST_BYTES", int,
            "an integer", "largest request body in bytes; larger ones get 413 before they are "
            "read (default 2 MiB)"),
+    Option("header_timeout_s", "--header-timeout-s", "GROUPWISE_HEADER_TIMEOUT_S", float,
+           "a number", "seconds a connection has to send a request's headers (default 10)"),
+    Option("body_timeout_s", "--body-timeout-s", "GROUPWISE_BODY_TIMEOUT_S", float,
+           "a number", "seconds a request has to send its body (default 30)"),
+    Option("max_connections", "--max-connections", "GROUPWISE_MAX_CONNECTIONS", int,
+           "an integer", "most open connections and requests; beyond it: 503 (default 1024)"),
     Option("replica_name", "--replica-name", "GROUPWISE_REPLICA_NAME", str, "a name",
            "sent in the X-Groupwise-Replica header (default: the host name)"),
 )
