@@ -1,7 +1,8 @@
 """`python -m server [flags]`: load the model, then serve until SIGTERM or Ctrl-C.
 
 The first SIGTERM/SIGINT drains: new requests get 503, queued and running ones finish, then the
-process exits with status 0. A second signal exits at once; a third (Ctrl-C) forces it.
+process exits with status 0. A second signal ends the queued and running requests at once,
+each with an error in OpenAI's shape, and exits; a third stops waiting for anything.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uvicorn
 
 from model.csa import CheckpointMismatchError
 from model.loading import ModelLoadError
-from server.app import begin_drain, create_app, is_drained
+from server.app import begin_drain, create_app, end_in_flight, is_drained
 from server.config import Settings, SettingsError
 from server.connections import uvicorn_config
 
@@ -33,8 +34,11 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         # not recorded in _captured_signals: uvicorn would re-raise it after a clean shutdown
         if self.app.state.services.is_draining:
+            # the second signal ends what is in flight, with an error its clients can read,
+            # so the shutdown need not wait for it; a third stops waiting altogether
             self.force_exit = self.should_exit
             self.should_exit = True
+            end_in_flight(self.app)
             return
         log.info("received %s: draining (again to exit now)", signal.Signals(sig).name)
         begin_drain(self.app)

@@ -67,6 +67,14 @@ def begin_drain(app: FastAPI) -> None:
         services.scheduler.drain_soon()
 
 
+def end_in_flight(app: FastAPI) -> None:
+    """Every queued or running request ends at once with an error in OpenAI's shape (a
+    second signal: exit now). Safe to call from a signal handler."""
+    services: Services = app.state.services
+    if services.scheduler is not None:
+        services.scheduler.fail_all_soon()
+
+
 def is_drained(app: FastAPI) -> bool:
     services: Services = app.state.services
     return services.is_draining and (

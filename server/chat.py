@@ -44,6 +44,7 @@ def sampling_params(body: ChatCompletionRequest, prompt_length: int, max_context
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
+        ignore_eos=bool(body.ignore_eos),
         seed=body.seed,
         stop=tuple(body.stop),
     )

@@ -165,6 +165,15 @@ class Scheduler:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._drain)
 
+    def fail_all_soon(self) -> None:
+        """Thread- and signal-safe: everything queued or running ends now, with an error that
+        tells its client to retry (a second signal while draining)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all)
+
+    def _fail_all(self) -> None:
+        self._worker.fail_all(self.queue.take_all())
+
     def _drain(self) -> None:
         self.queue.close_open_groups()
         self._wakeup.set()

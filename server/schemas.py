@@ -86,6 +86,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0)  # an extension, as in vLLM: 0 or None: off
+    ignore_eos: StrictBool | None = None  # an extension, as in vLLM: write until max_tokens
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     # accepted only at their neutral values: anything else would be silently ignored

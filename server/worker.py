@@ -21,6 +21,8 @@ from model.engine import EngineInputError, GroupedEngine, Member, TokenEvent, Us
 
 log = logging.getLogger("groupwise.server")
 _STOP = object()
+_FAIL_ALL = object()
+SHUTDOWN_MESSAGE = "the server shut down before this answer was complete; retry"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,13 @@ class EngineWorker:
         """Queues a group for the engine (from the event loop; never blocks)."""
         self._inbox.put((group, uses_trained_head))
 
+    def fail_all(self, queued: list[ServerRequest]) -> None:
+        """A forced shutdown (on the event loop): the queued requests fail now, those in the
+        engine at its next step."""
+        for request in queued:
+            self.deliver(EngineFailure(request.member, SHUTDOWN_MESSAGE))
+        self._inbox.put(_FAIL_ALL)
+
     def shutdown(self) -> None:
         """Aborts everything in the engine and blocks until the thread has ended."""
         self._inbox.put(_STOP)
@@ -89,6 +98,9 @@ class EngineWorker:
                 if item is _STOP:
                     self._post(list(self.engine.abort_all()))
                     return
+                if item is _FAIL_ALL:
+                    self._post([EngineFailure(m, SHUTDOWN_MESSAGE) for m in self.engine.reset()])
+                    continue
                 self._add(*item)
             self._step()
 

@@ -122,3 +122,23 @@ def test_embedded_model_end_to_end():
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
 
+
+
+def test_a_second_sigterm_ends_in_flight_requests_with_an_error_and_exits():
+    with server_process("--model", "tiny-random", "--threads", "1") as (process, url):
+        payload = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 4000,
+                   "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload,
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 8:  # generating: send both signals
+                    process.send_signal(signal.SIGTERM)
+                    time.sleep(0.2)
+                    process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        error = events[-1]["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert "shut down" in error["message"]
