@@ -104,10 +104,6 @@ class GroupedEngine:
         return bool(self._waiting) or not all(_is_done(g) for g in self._running)
 
     @property
-    def num_waiting(self) -> int:
-        return sum(len(g.members) for g in self._waiting)
-
-    @property
     def kv_cache_usage(self) -> float:
         """Share of the pool held by running sequences (cached, evictable prefixes excluded)."""
         idle = self.pool.slots.num_free + self.cache.evictable_tokens()

@@ -57,10 +57,6 @@ class SlotAllocator:
             self._lengths[index - 1] += self._lengths.pop(index)
             del self._starts[index]
 
-    @property
-    def largest_free(self) -> int:
-        return max(self._lengths, default=0)
-
 
 @dataclass(frozen=True)
 class PoolShape:
@@ -95,7 +91,3 @@ class KVPool:
 
     def values(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 1]
-
-    @property
-    def num_used(self) -> int:
-        return self.capacity - self.slots.num_free
