@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+from model.quantized import WEIGHT_FORMATS
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHTS = ("fp32", "bf16", "int4")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
 CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
@@ -54,17 +55,16 @@ class Settings:
                  f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _require(self.dtype in DTYPES,
                  f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _require(self.weights in WEIGHTS,
-                 f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        _require(self.weights in WEIGHT_FORMATS,
+                 f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         _require(self.threads is None or self.threads >= 1,
                  f"threads must be >= 1, got {self.threads}")
-        for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes"):
+        for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes",
+                     "max_connections"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         for name in ("header_timeout_s", "body_timeout_s"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        _require(self.max_connections >= 1,
-                 f"max_connections must be >= 1, got {self.max_connections}")
         _require(self.kv_cache_mb is None or self.kv_cache_mb > 0,
                  f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         _require(bool(self.csa), "csa must be 'auto', 'off' or a checkpoint directory")
