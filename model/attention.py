@@ -1,130 +1,134 @@
-"""Attention of one step's new tokens over the KV pool, built once per step (`AttentionPlan`) and
-applied in every layer (`attend`).
+"""Attention of one step's new tokens over the KV pool, planned once per step (`AttentionPlan`)
+and applied in every layer (`attend`).
 
-Decode rows (one new token each) read their keys in two kinds of parts:
-  - shared extents: the prefix-cache nodes on a row's path (system prompt, passage, ...). Rows
-    are ordered so that the rows under one node are contiguous; their queries attend the
-    node's extent together, in one call over one copy of its KV (Hydragen / FlashInfer cascade);
-  - the tail: the row's own tokens (the rest of its prompt and what it generated), gathered
-    for all rows at once into one padded batch.
-The parts are merged exactly through their log-sum-exp: with LSE_i and softmax output o_i of
-each part, LSE = logsumexp_i LSE_i and o = sum_i exp(LSE_i - LSE) o_i.
+A step's tokens come in spans: a decode row (one token) or a prefill chunk (consecutive tokens of
+one sequence). A span's tokens attend their sequence's earlier tokens, which sit in the pool as
+extents (the prefix-cache nodes on the sequence's path), then the sequence's own run of slots up
+to and including themselves.
 
-Prefill blocks (a chunk of one sequence's tokens) gather their context and attend it with a
-causal mask over the chunk: prefill is bound by arithmetic, not by reading the cache.
+On a CPU, the C kernel computes each token on its own in one fixed order of operations, so a
+token's output depends only on its query and its keys, never on the rest of the batch or on
+where the cache split its keys into nodes: batched and grouped decoding reproduce unbatched
+decoding bit for bit, in every weight format. Elsewhere (CUDA, or no C compiler) torch's
+attention over gathered keys: decode rows in one padded batch, each prefill chunk on its own.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from model import attention_kernel
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: torch.Tensor | None, scale: float):
-    """Softmax attention that also returns the log-sum-exp of each query's scores, which the
-    cascade merge needs. q [B, H, Q, D], k / v [B, H, L, D], mask additive [B, 1, Q, L] or
-    None -> (out [B, H, Q, D], lse [B, H, Q] in fp32). On a CPU, torch's fused flash kernel."""
-    if q.device.type == "cpu":
-        cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        return cpu_flash(q, k, v, attn_mask=mask, scale=scale)
-    return plain_attention_with_lse(q, k, v, mask, scale)
-
-
-def plain_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             mask: torch.Tensor | None, scale: float):
-    """`attention_with_lse` in plain tensor ops, for devices without the CPU kernel."""
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        scores = scores + mask
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype)
-    return weights @ v, lse
+Extent = tuple[int, int]  # (first pool slot, number of slots)
 
 
 @dataclass(frozen=True)
-class SharedExtent:
-    start: int  # pool slots [start, start + length)
-    length: int
-    first_row: int  # decode rows [first_row, end_row) attend it
-    end_row: int
-    depth: int  # its index among the parts of those rows
+class Span:
+    """Tokens [offset, offset + n) of the step: consecutive positions of one sequence. Token i
+    attends the `context` extents, then its own slots [own_start, own_start + own_before + i]."""
 
-
-@dataclass(frozen=True)
-class DecodePlan:
-    num_rows: int  # decode tokens are the first num_rows tokens of the step
-    shared: tuple[SharedExtent, ...]
-    num_parts: int  # deepest path + 1 (the tail)
-    tail_index: torch.Tensor  # [R, T] pool slots of each row's own tokens (padded)
-    tail_mask: torch.Tensor  # [R, 1, 1, T] additive: 0 for real slots, -inf for padding
-
-
-@dataclass(frozen=True)
-class PrefillBlock:
-    offset: int  # the block's queries are tokens [offset, offset + n) of the step
+    offset: int
     n: int
-    key_index: torch.Tensor  # [L] pool slots it attends: its context, then its own tokens
-    mask: torch.Tensor  # [n, L] bool, True where query i may attend key j
+    context: tuple[Extent, ...]
+    own_start: int
+    own_before: int  # the sequence's own tokens already in the pool before this span
+
+    def extents_of(self, i: int) -> list[Extent]:
+        return [*self.context, (self.own_start, self.own_before + i + 1)]
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    decode: DecodePlan | None
-    prefill: tuple[PrefillBlock, ...]
+    spans: tuple[Span, ...]  # in step order, covering every token
     scale: float
+    device: torch.device
+
+    @functools.cached_property
+    def token_extents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's inputs: every token's extents flattened (starts, lengths) and where each
+        token's begin (offsets, one more than tokens)."""
+        starts, lengths, offsets = [], [], [0]
+        for span in self.spans:
+            for i in range(span.n):
+                for start, length in span.extents_of(i):
+                    starts.append(start)
+                    lengths.append(length)
+                offsets.append(len(starts))
+        return tuple(torch.tensor(values, dtype=torch.long) for values in
+                     (starts, lengths, offsets))
+
+    @functools.cached_property
+    def single_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For torch's path, the one-token spans (decode rows) in one padded batch: (their
+        step offsets [R], key slots [R, L], additive mask [R, 1, 1, L])."""
+        singles = [span for span in self.spans if span.n == 1]
+        if not singles:
+            return None
+        slots = [_slots(span.extents_of(0)) for span in singles]
+        width = max(len(s) for s in slots)
+        index = torch.zeros(len(slots), width, dtype=torch.long)
+        mask = torch.full((len(slots), width), float("-inf"))
+        for row, row_slots in enumerate(slots):
+            index[row, : len(row_slots)] = torch.tensor(row_slots)
+            mask[row, : len(row_slots)] = 0
+        offsets = torch.tensor([span.offset for span in singles])
+        return (offsets.to(self.device), index.to(self.device),
+                mask[:, None, None, :].to(self.device))
+
+    @functools.cached_property
+    def chunks(self) -> tuple[tuple[Span, torch.Tensor, torch.Tensor], ...]:
+        """For torch's path, each prefill chunk with its keys gathered once (context, then its
+        own) and a mask [n, L] letting token i see the context and its own keys up to itself."""
+        prepared = []
+        for span in self.spans:
+            if span.n == 1:
+                continue
+            key_index = torch.tensor(_slots(span.extents_of(span.n - 1)))
+            num_context = int(key_index.shape[0]) - span.own_before - span.n
+            query_pos = torch.arange(span.n)[:, None] + span.own_before
+            key_pos = torch.arange(span.own_before + span.n)[None, :]
+            mask = torch.cat([torch.ones(span.n, num_context, dtype=torch.bool),
+                              key_pos <= query_pos], dim=1)
+            prepared.append((span, key_index.to(self.device), mask.to(self.device)))
+        return tuple(prepared)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            plan: AttentionPlan) -> torch.Tensor:
     """q: [T, Hq, D] (rotated) for the step's tokens, whose keys and values are already in the
     pool; keys / values: [Hkv, slots, D] of one layer. Returns [T, Hq, D]."""
-    parts = []
-    if plan.decode is not None:
-        parts.append(_decode(q[: plan.decode.num_rows], keys, values, plan.decode, plan.scale))
-    for block in plan.prefill:
-        parts.append(_prefill(q[block.offset : block.offset + block.n], keys, values, block,
-                              plan.scale))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if uses_kernel(q):
+        return attention_kernel.attend_tokens(q, keys, values, *plan.token_extents, plan.scale)
+    return _attend_with_torch(q, keys, values, plan)
 
 
-def _decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: DecodePlan,
-            scale: float) -> torch.Tensor:
-    rows, num_heads, head_dim = q.shape
-    num_kv_heads = keys.shape[0]
-    per_kv = num_heads // num_kv_heads
-    grouped = q.view(rows, num_kv_heads, per_kv, head_dim)  # query heads sharing a KV head
-    outputs = q.new_zeros(plan.num_parts, rows, num_kv_heads, per_kv, head_dim)
-    lses = torch.full((plan.num_parts, rows, num_kv_heads, per_kv), float("-inf"),
-                      dtype=torch.float32, device=q.device)
-    for part in plan.shared:
-        count = part.end_row - part.first_row
-        # every (row, query head) of the rows under this node is one query of one call
-        queries = grouped[part.first_row : part.end_row].permute(1, 0, 2, 3)
-        queries = queries.reshape(1, num_kv_heads, count * per_kv, head_dim)
-        end = part.start + part.length
-        out, lse = attention_with_lse(queries, keys[None, :, part.start : end],
-                                      values[None, :, part.start : end], None, scale)
-        outputs[part.depth, part.first_row : part.end_row] = (
-            out[0].view(num_kv_heads, count, per_kv, head_dim).transpose(0, 1))
-        lses[part.depth, part.first_row : part.end_row] = (
-            lse[0].view(num_kv_heads, count, per_kv).transpose(0, 1))
-    tail_keys = keys[:, plan.tail_index].transpose(0, 1)  # [R, Hkv, T, D]
-    tail_values = values[:, plan.tail_index].transpose(0, 1)
-    out, lse = attention_with_lse(grouped, tail_keys, tail_values, plan.tail_mask, scale)
-    outputs[-1], lses[-1] = out, lse
-    total = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - total).to(q.dtype).unsqueeze(-1)
-    return (weights * outputs).sum(dim=0).view(rows, num_heads, head_dim)
+def uses_kernel(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.float32 and attention_kernel.available()
 
 
-def _prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block: PrefillBlock,
-             scale: float) -> torch.Tensor:
-    block_keys = keys[:, block.key_index].unsqueeze(0)  # [1, Hkv, L, D]
-    block_values = values[:, block.key_index].unsqueeze(0)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), block_keys, block_values, attn_mask=block.mask,
-        scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
+def _attend_with_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       plan: AttentionPlan) -> torch.Tensor:
+    out = torch.empty_like(q)
+    if plan.single_tokens is not None:
+        offsets, index, mask = plan.single_tokens
+        row_keys = keys[:, index].transpose(0, 1)  # [R, Hkv, L, D]
+        row_values = values[:, index].transpose(0, 1)
+        attended = F.scaled_dot_product_attention(
+            q[offsets].unsqueeze(2), row_keys, row_values, attn_mask=mask.to(q.dtype),
+            scale=plan.scale, enable_gqa=True)
+        out[offsets] = attended.squeeze(2)
+    for span, key_index, mask in plan.chunks:
+        chunk_q = q[span.offset : span.offset + span.n].transpose(0, 1).unsqueeze(0)
+        attended = F.scaled_dot_product_attention(
+            chunk_q, keys[:, key_index].unsqueeze(0), values[:, key_index].unsqueeze(0),
+            attn_mask=mask, scale=plan.scale, enable_gqa=True)
+        out[span.offset : span.offset + span.n] = attended[0].transpose(0, 1)
+    return out
+
+
+def _slots(extents: list[Extent]) -> list[int]:
+    return [slot for start, length in extents for slot in range(start, start + length)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import AttentionPlan, DecodePlan, PrefillBlock, SharedExtent
+from model.attention import AttentionPlan, Span
 from model.forward import StepInputs
 from model.prefix_cache import Job, Node
 from model.request import Member
@@ -95,76 +95,36 @@ def extents(node: Node) -> tuple[tuple[int, int], ...]:
     return tuple(n.extent for n in node.path())
 
 
-def build_step(decode_rows: list[Row], chunks: list[Chunk], scale: float, dtype: torch.dtype,
+def build_step(decode_rows: list[Row], chunks: list[Chunk], scale: float,
                device: torch.device) -> tuple[StepInputs, list[Row]]:
     """The forward's inputs for one step -> (inputs, decode rows in the order they run).
-    Decode rows come first, sorted by their cache path so the rows under each node are
-    contiguous; then each prefill chunk. Outputs: every decode row, then the last token of each
-    chunk that completes a row's prompt."""
+    Decode rows come first, sorted by their cache path so that rows sharing a prefix are
+    neighbours (attention finds their keys in cache); then each prefill chunk. Outputs: every
+    decode row, then the last token of each chunk that completes a row's prompt."""
     paths = {row: row.leaf.path() for row in decode_rows}
     rows = sorted(decode_rows, key=lambda r: [n.serial for n in paths[r]])
     token_ids = [r.output_ids[-1] for r in rows]
     positions = [r.next_position for r in rows]
     slots = [r.tail_start + r.num_fed for r in rows]
     outputs = list(range(len(rows)))
-    blocks = []
+    # a decode row attends its path's nodes, then its own tokens including the one fed now
+    # (every token's key and value are written to the pool before attention)
+    spans = [Span(index, 1, extents(row.leaf), row.tail_start, row.num_fed)
+             for index, row in enumerate(rows)]
     for chunk in chunks:
         job, offset = chunk.job, len(token_ids)
         first, end = job.num_done, job.num_done + chunk.length
         token_ids += job.tokens[first:end]
         positions += range(job.first_position + first, job.first_position + end)
         slots += range(job.start + first, job.start + end)
-        blocks.append(_prefill_block(job, offset, chunk.length, device))
+        spans.append(Span(offset, chunk.length, job.context, job.start, first))
         if job.row is not None and end == len(job.tokens):
             outputs.append(len(token_ids) - 1)
-    decode = _decode_plan(rows, paths, dtype, device) if rows else None
 
     def tensor(values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    plan = AttentionPlan(decode, tuple(blocks), scale)
+    plan = AttentionPlan(tuple(spans), scale, device)
     return StepInputs(tensor(token_ids), tensor(positions), tensor(slots), plan,
-                      tensor(outputs)), rows
+                      tensor(outputs), len(rows)), rows
 
-
-def _decode_plan(rows: list[Row], paths: dict[Row, list[Node]], dtype: torch.dtype,
-                 device: torch.device) -> DecodePlan:
-    shared = []
-    depth = max(len(p) for p in paths.values())
-    for level in range(depth):
-        first = 0
-        for index in range(1, len(rows) + 1):
-            node = _node_at(paths[rows[first]], level)
-            if index < len(rows) and _node_at(paths[rows[index]], level) is node:
-                continue
-            if node is not None:
-                shared.append(SharedExtent(node.start, len(node.tokens), first, index, level))
-            first = index
-    # each row's own tokens, including the one fed now (its KV is written before attention)
-    lengths = torch.tensor([r.num_fed + 1 for r in rows], device=device)
-    starts = torch.tensor([r.tail_start for r in rows], device=device)
-    steps = torch.arange(int(lengths.max()), device=device)
-    is_real = steps[None, :] < lengths[:, None]
-    tail_index = torch.where(is_real, starts[:, None] + steps[None, :], starts[:, None])
-    tail_mask = torch.zeros(is_real.shape, dtype=dtype, device=device)
-    tail_mask.masked_fill_(~is_real, float("-inf"))
-    return DecodePlan(len(rows), tuple(shared), depth + 1, tail_index,
-                      tail_mask[:, None, None, :])
-
-
-def _node_at(path: list[Node], level: int) -> Node | None:
-    return path[level] if level < len(path) else None
-
-
-def _prefill_block(job: PrefillJob, offset: int, length: int,
-                   device: torch.device) -> PrefillBlock:
-    context = [torch.arange(start, start + size) for start, size in job.context]
-    own = torch.arange(job.start, job.start + job.num_done + length)
-    key_index = torch.cat([*context, own]).to(device)
-    num_context = int(key_index.shape[0]) - int(own.shape[0])
-    # query i (own position num_done + i) sees the whole context and own keys up to itself
-    query_pos = torch.arange(length)[:, None] + job.num_done
-    key_pos = torch.arange(int(own.shape[0]))[None, :]
-    mask = torch.cat([torch.ones(length, num_context, dtype=torch.bool), key_pos <= query_pos],
-                     dim=1)
-    return PrefillBlock(offset, length, key_index, mask.to(device))

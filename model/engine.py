@@ -177,8 +177,7 @@ class GroupedEngine:
         chunks = self._take_chunks()
         if not decode_rows and not chunks:
             return events
-        inputs, decode_rows = build_step(decode_rows, chunks, self.forward.scale,
-                                         self.model.dtype, self.device)
+        inputs, decode_rows = build_step(decode_rows, chunks, self.forward.scale, self.device)
         hidden = self.forward(inputs, self.pool.kv)
         ready = list(zip(decode_rows, hidden[: len(decode_rows)]))
         for row in decode_rows:

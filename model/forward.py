@@ -32,6 +32,7 @@ class StepInputs:
     slots: torch.Tensor  # [T] pool slot where each token's key and value go
     plan: AttentionPlan
     output_index: torch.Tensor  # [N] which tokens' final hidden states are returned
+    num_decode_rows: int  # the first tokens are decode rows' (one each), the rest prompt tokens
 
 
 class DecoderForward:

@@ -1,41 +1,97 @@
-"""The attention pieces on their own: the log-sum-exp attention (CPU kernel and the plain path
-other devices take), and the cascade merge against one softmax over all keys."""
+"""Attention over the KV pool on its own: the C kernel and torch's path against one softmax over
+each token's gathered keys, and the kernel's promise that a token's output depends only on its
+query and its keys."""
 
 from __future__ import annotations
 
 import torch
 
-from model.attention import attention_with_lse, plain_attention_with_lse
+from model import attention_kernel
+from model.attention import AttentionPlan, Span, _attend_with_torch, attend
+
+HEADS, KV_HEADS, DIM, SLOTS = 6, 2, 16, 64
+SCALE = DIM**-0.5
+CPU = torch.device("cpu")
 
 
-def reference(q, k, v, mask=None, scale=0.125):
-    scores = q @ k.transpose(-1, -2) * scale
-    if mask is not None:
-        scores = scores + mask
-    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+def pool(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(KV_HEADS, SLOTS, DIM, generator=generator)
+    values = torch.randn(KV_HEADS, SLOTS, DIM, generator=generator)
+    return keys, values
 
 
-def test_cpu_kernel_and_plain_path_agree_with_the_reference():
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
-    mask = torch.zeros(2, 1, 4, 9)
-    mask[1, :, :, 6:] = float("-inf")
-    expected_out, expected_lse = reference(q, k, v, mask)
-    out, lse = attention_with_lse(q, k, v, mask, 0.125)
-    assert torch.allclose(out, expected_out, atol=1e-5)
-    assert torch.allclose(lse, expected_lse, atol=1e-5)
-    plain_out, plain_lse = plain_attention_with_lse(q, k, v, mask, 0.125)  # CUDA's path
-    assert torch.allclose(plain_out, expected_out, atol=1e-5)
-    assert torch.allclose(plain_lse, expected_lse, atol=1e-5)
+def reference(q: torch.Tensor, keys, values, plan: AttentionPlan) -> torch.Tensor:
+    """Each token alone, in float64: softmax over its gathered keys, GQA by repeating kv heads."""
+    out = torch.empty_like(q)
+    for span in plan.spans:
+        for i in range(span.n):
+            slots = [s for start, n in span.extents_of(i) for s in range(start, start + n)]
+            k = keys[:, slots].double().repeat_interleave(HEADS // KV_HEADS, dim=0)
+            v = values[:, slots].double().repeat_interleave(HEADS // KV_HEADS, dim=0)
+            token_q = q[span.offset + i].double()  # [H, D]
+            weights = torch.softmax((k @ token_q[:, :, None])[..., 0] * SCALE, dim=-1)
+            out[span.offset + i] = (weights[:, None, :] @ v)[:, 0].float()
+    return out
 
 
-def test_merging_two_parts_by_log_sum_exp_is_one_softmax():
-    torch.manual_seed(1)
-    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
-    whole, _ = reference(q, k, v)
-    first, lse_first = attention_with_lse(q, k[:, :, :6], v[:, :, :6], None, 0.125)
-    second, lse_second = attention_with_lse(q, k[:, :, 6:], v[:, :, 6:], None, 0.125)
-    total = torch.logaddexp(lse_first, lse_second)
-    merged = (torch.exp(lse_first - total)[..., None] * first
-              + torch.exp(lse_second - total)[..., None] * second)
-    assert torch.allclose(merged, whole, atol=1e-6)
+def test_the_kernel_builds_here():
+    """The suite runs where a C compiler is (CI too): the kernel is the CPU path under test."""
+    assert attention_kernel.available()
+
+
+def mixed_plan() -> AttentionPlan:
+    """Two decode rows sharing a two-node prefix, one with its own prefix, and a prefill chunk
+    of four tokens continuing a cached context."""
+    return AttentionPlan((
+        Span(0, 1, ((0, 10), (10, 5)), 40, 2),
+        Span(1, 1, ((0, 10), (10, 5)), 44, 0),
+        Span(2, 1, ((20, 7),), 48, 5),
+        Span(3, 4, ((0, 10),), 56, 3),
+    ), SCALE, CPU)
+
+
+def test_kernel_matches_one_softmax_per_token():
+    keys, values = pool()
+    q = torch.randn(7, HEADS, DIM, generator=torch.Generator().manual_seed(1))
+    plan = mixed_plan()
+    assert torch.allclose(attend(q, keys, values, plan), reference(q, keys, values, plan),
+                          atol=1e-5)
+
+
+def test_torch_path_matches_one_softmax_per_token():
+    keys, values = pool()
+    q = torch.randn(7, HEADS, DIM, generator=torch.Generator().manual_seed(1))
+    plan = mixed_plan()
+    assert torch.allclose(_attend_with_torch(q, keys, values, plan),
+                          reference(q, keys, values, plan), atol=1e-5)
+
+
+def test_a_tokens_output_depends_only_on_its_query_and_keys():
+    """Bit for bit: alone or beside other tokens, with its prefix in one extent or split across
+    nodes at another point, or its keys copied to other slots."""
+    keys, values = pool()
+    q = torch.randn(3, HEADS, DIM, generator=torch.Generator().manual_seed(2))
+    alone = attend(q[:1], keys, values, AttentionPlan((Span(0, 1, ((0, 12),), 40, 3),),
+                                                      SCALE, CPU))
+    batched = attend(q, keys, values, AttentionPlan((
+        Span(0, 1, ((0, 5), (5, 7)), 40, 3),
+        Span(1, 1, ((0, 5), (20, 9)), 44, 1),
+        Span(2, 1, ((30, 2),), 48, 0),
+    ), SCALE, CPU))
+    assert torch.equal(alone[0], batched[0])
+    moved_keys, moved_values = keys.clone(), values.clone()
+    moved_keys[:, 50:62], moved_values[:, 50:62] = keys[:, 0:12], values[:, 0:12]
+    moved = attend(q[:1], moved_keys, moved_values, AttentionPlan(
+        (Span(0, 1, ((50, 3), (53, 9)), 40, 3),), SCALE, CPU))
+    assert torch.equal(alone[0], moved[0])
+
+
+def test_a_prefill_chunk_equals_the_same_tokens_decoded_one_by_one():
+    keys, values = pool()
+    q = torch.randn(4, HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    chunk = attend(q, keys, values, AttentionPlan((Span(0, 4, ((0, 9),), 40, 2),), SCALE, CPU))
+    one_by_one = [attend(q[i : i + 1], keys, values,
+                         AttentionPlan((Span(0, 1, ((0, 9),), 40, 2 + i),), SCALE, CPU))
+                  for i in range(4)]
+    assert torch.equal(chunk, torch.cat(one_by_one))

@@ -85,11 +85,11 @@ def test_prompts_in_a_group_really_differ_in_length(tiny):
 
 def count_prompt_tokens_run(engine: GroupedEngine) -> list[int]:
     """Wraps the engine's forward pass: the returned list grows by the prompt tokens (prefill
-    blocks) each step really runs through the model."""
+    tokens) each step really runs through the model."""
     counts, forward = [], engine.forward
 
     def counting(step, kv):
-        counts.append(sum(block.n for block in step.plan.prefill))
+        counts.append(len(step.token_ids) - step.num_decode_rows)
         return forward(step, kv)
 
     engine.forward = counting
