@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: OpenAI's request and response shapes, streamed or not.
 
-One chat request is one question; it joins a group through the `group_id` hint (body field or
-`X-Group-Id` header) or a long shared prompt prefix, and leaves it if its client disconnects.
+One chat request is one question. With a `group_id` hint (body field or `X-Group-Id` header) it
+joins the group of that name; without one it runs at once, sharing any prompt prefix already
+computed through the prefix cache. It leaves its group if its client disconnects.
 """
 
 from __future__ import annotations
@@ -9,27 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.engine import Member, TokenEvent
 from model.sampling import SamplingParams
-from server.errors import ClientDisconnected, error_body
+from server.responses import respond
 from server.schemas import ChatCompletionRequest
 from server.services import Services
-from server.streaming import (
-    SSE_DONE,
-    SSE_HEADERS,
-    DisconnectWatcher,
-    engine_error,
-    next_item,
-    release,
-    sse_event,
-)
 from server.usage import usage_body
-from server.worker import EngineFailure, ServerRequest
+from server.worker import ServerRequest
 
 DEFAULT_MAX_TOKENS = 256  # when the request sets neither max_tokens nor max_completion_tokens
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
@@ -51,34 +41,54 @@ def sampling_params(body: ChatCompletionRequest, prompt_length: int, max_context
 
 
 class ChatReply:
-    """Builds the response objects of one chat completion."""
+    """The response shapes of one chat completion (one question)."""
 
-    def __init__(self, model_name: str, include_usage: bool):
+    def __init__(self, model_name: str, include_usage: bool, request: ServerRequest):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model_name
         self.include_usage = include_usage
+        self.requests = [request]
+        self.parts: list[str] = []
+        self.final: TokenEvent | None = None  # the event that finished it
+
+    @property
+    def is_done(self) -> bool:
+        return self.final is not None
+
+    def add(self, event: TokenEvent) -> list[dict]:
+        self.parts.append(event.text)
+        chunks = [self._chunk({"content": event.text})] if event.text else []
+        if event.finish_reason is not None:
+            self.final = event
+            chunks.append(self._chunk({}, event.finish_reason))
+        return chunks
+
+    def opening(self) -> list[dict]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def closing(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [{**self._base("chat.completion.chunk"), "choices": [],
+                 "usage": usage_body([self.final.usage])}]
+
+    def completion(self) -> dict:
+        message = {"role": "assistant", "content": "".join(self.parts)}
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": self.final.finish_reason}
+        return {**self._base("chat.completion"), "choices": [choice],
+                "usage": usage_body([self.final.usage])}
 
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def completion(self, text: str, event: TokenEvent) -> dict:
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None,
-                  "finish_reason": event.finish_reason}
-        return {**self._base("chat.completion"), "choices": [choice],
-                "usage": usage_body([event.usage])}
-
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         body = {**self._base("chat.completion.chunk"), "choices": [choice]}
         if self.include_usage:
             body["usage"] = None  # as OpenAI: only the last chunk carries usage
         return body
-
-    def usage_chunk(self, event: TokenEvent) -> dict:
-        return {**self._base("chat.completion.chunk"), "choices": [],
-                "usage": usage_body([event.usage])}
 
 
 async def create_chat_completion(
@@ -87,20 +97,8 @@ async def create_chat_completion(
     services.check_model(body.model)
     request = await _enqueue(body, http_request.headers.get("x-group-id"),
                              http_request.state.tenant, services)
-    watcher = DisconnectWatcher(http_request.receive)
-    reply = ChatReply(services.model_name, body.includes_usage_chunk)
-    scheduler = services.scheduler
-    try:
-        first = await next_item(request.events, watcher)
-        if isinstance(first, EngineFailure):
-            raise engine_error(first)
-        if not body.stream:
-            return JSONResponse(await _collect(first, request, watcher, reply))
-    except BaseException:
-        release(scheduler, [request], watcher)
-        raise
-    stream = _stream(first, request, watcher, reply, scheduler)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    reply = ChatReply(services.model_name, body.includes_usage_chunk, request)
+    return await respond(reply, request.events, body.stream, http_request, services.scheduler)
 
 
 async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
@@ -119,38 +117,3 @@ async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant:
     hint = body.group_id or header_hint
     services.scheduler.submit(request, (namespace, hint) if hint else None)
     return request
-
-
-async def _collect(item, request: ServerRequest, watcher, reply: ChatReply) -> dict:
-    parts = []
-    while True:
-        if isinstance(item, EngineFailure):
-            raise engine_error(item)
-        parts.append(item.text)
-        if item.finish_reason is not None:
-            watcher.close()
-            return reply.completion("".join(parts), item)
-        item = await next_item(request.events, watcher)
-
-
-async def _stream(item, request: ServerRequest, watcher, reply: ChatReply,
-                  scheduler) -> AsyncIterator[bytes]:
-    try:
-        yield sse_event(reply.chunk({"role": "assistant", "content": ""}))
-        while True:
-            if isinstance(item, EngineFailure):  # headers are sent: report it in the stream
-                yield sse_event(error_body(500, item.message, code="engine_error"))
-                return
-            if item.text:
-                yield sse_event(reply.chunk({"content": item.text}))
-            if item.finish_reason is not None:
-                yield sse_event(reply.chunk({}, item.finish_reason))
-                if reply.include_usage:
-                    yield sse_event(reply.usage_chunk(item))
-                yield SSE_DONE
-                return
-            item = await next_item(request.events, watcher)
-    except ClientDisconnected:
-        return
-    finally:
-        release(scheduler, [request], watcher)

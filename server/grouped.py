@@ -15,28 +15,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.engine import EngineInputError, Member
 from model.prompts import extract_answer, question_messages
 from model.sampling import SamplingParams
-from server.errors import ClientDisconnected, error_body
+from server.responses import respond
 from server.schemas import GroupedCompletionRequest
 from server.services import Services
-from server.streaming import (
-    SSE_DONE,
-    SSE_HEADERS,
-    DisconnectWatcher,
-    engine_error,
-    next_item,
-    release,
-    sse_event,
-)
 from server.usage import usage_body
-from server.worker import EngineFailure, ServerRequest
+from server.worker import ServerRequest
 
 
 class GroupedReply:
@@ -58,8 +47,8 @@ class GroupedReply:
     def is_done(self) -> bool:
         return self.num_answered == len(self.requests)
 
-    def add(self, event) -> dict:
-        """Appends an event's text; returns the question's answer entry for a stream chunk."""
+    def add(self, event) -> list[dict]:
+        """Appends an event's text; streams the question's answer entry when it says something."""
         request: ServerRequest = event.member.tag
         self.texts[request.index] += event.text
         entry = {"index": request.index, "id": self.body.question_id(request.index),
@@ -67,7 +56,14 @@ class GroupedReply:
         if event.finish_reason is not None:
             self.num_answered += 1
             entry.update(self._answer(request))
-        return entry
+        return [self._chunk(entry)] if entry["delta"] or entry["finish_reason"] else []
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def closing(self) -> list[dict]:
+        return [{**self._chunk(None), "usage": usage_body(r.usage for r in self.requests),
+                 "timings": self._timings()}]
 
     def _answer(self, request: ServerRequest) -> dict:
         text = self.texts[request.index]
@@ -84,12 +80,8 @@ class GroupedReply:
                 "usage": usage_body(r.usage for r in self.requests),
                 "timings": self._timings()}
 
-    def chunk(self, entry: dict | None) -> dict:
+    def _chunk(self, entry: dict | None) -> dict:
         return {**self._base("grouped_completion.chunk"), "answers": [entry] if entry else []}
-
-    def usage_chunk(self) -> dict:
-        return {**self.chunk(None), "usage": usage_body(r.usage for r in self.requests),
-                "timings": self._timings()}
 
     def _timings(self) -> dict:
         arrived = min(r.arrived_at for r in self.requests)
@@ -104,21 +96,10 @@ async def create_grouped_completion(
 ):
     services.check_model(body.model)
     requests = await _enqueue(body, http_request.state.tenant, services)
-    events = requests[0].events
-    watcher = DisconnectWatcher(http_request.receive)
     reply = GroupedReply(services.model_name, body, requests)
-    scheduler = services.scheduler
-    try:
-        first = await next_item(events, watcher)
-        if isinstance(first, EngineFailure):
-            raise engine_error(first)
-        if not body.stream:
-            return JSONResponse(await _collect(first, events, watcher, reply))
-    except BaseException:
-        release(scheduler, requests, watcher)
-        raise
-    stream = _stream(first, events, watcher, reply, scheduler)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    # one queue holds the events of all the request's questions, in order
+    return await respond(reply, requests[0].events, body.stream, http_request,
+                         services.scheduler)
 
 
 async def _enqueue(body: GroupedCompletionRequest, tenant: int,
@@ -163,35 +144,3 @@ async def _name_the_field(error: EngineInputError, body: GroupedCompletionReques
         return EngineInputError(f"context: {error}", "context")
     field = f"questions[{index}].question"
     return EngineInputError(f"{field}: {error}", field)
-
-
-async def _collect(item, events: asyncio.Queue, watcher, reply: GroupedReply) -> dict:
-    while True:
-        if isinstance(item, EngineFailure):
-            raise engine_error(item)
-        reply.add(item)
-        if reply.is_done:
-            watcher.close()
-            return reply.completion()
-        item = await next_item(events, watcher)
-
-
-async def _stream(item, events: asyncio.Queue, watcher, reply: GroupedReply,
-                  scheduler) -> AsyncIterator[bytes]:
-    try:
-        while True:
-            if isinstance(item, EngineFailure):  # headers are sent: report it in the stream
-                yield sse_event(error_body(500, item.message, code="engine_error"))
-                return
-            entry = reply.add(item)
-            if entry["delta"] or entry["finish_reason"] is not None:
-                yield sse_event(reply.chunk(entry))
-            if reply.is_done:
-                yield sse_event(reply.usage_chunk())
-                yield SSE_DONE
-                return
-            item = await next_item(events, watcher)
-    except ClientDisconnected:
-        return
-    finally:
-        release(scheduler, reply.requests, watcher)
