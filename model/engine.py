@@ -117,7 +117,8 @@ class GroupedEngine:
             raise EngineInputError("the prompt is empty", "messages")
         problems = member.params.problems()
         if problems:
-            raise EngineInputError(problems[0], problems[0].split(":")[0])
+            field, reason = problems[0]
+            raise EngineInputError(f"{field}: {reason}", field)
         if any(not 0 <= t < self.vocab_size for t in member.prompt_ids):
             raise EngineInputError("the prompt holds token ids outside the vocabulary", "prompt")
         needed = len(member.prompt_ids) + member.params.max_tokens

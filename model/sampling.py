@@ -25,21 +25,21 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
-    def problems(self) -> list[str]:
-        """What is wrong with these params, as `field: reason` strings (empty if valid)."""
+    def problems(self) -> list[tuple[str, str]]:
+        """What is wrong with these params, as (field, reason) pairs (empty if valid)."""
         found = []
         if self.max_tokens < 1:
-            found.append(f"max_tokens: must be at least 1, got {self.max_tokens}")
+            found.append(("max_tokens", f"must be at least 1, got {self.max_tokens}"))
         if self.temperature < 0:
-            found.append(f"temperature: must be >= 0, got {self.temperature}")
+            found.append(("temperature", f"must be >= 0, got {self.temperature}"))
         if not 0 < self.top_p <= 1:
-            found.append(f"top_p: must be in (0, 1], got {self.top_p}")
+            found.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
         if self.top_k < 0:
-            found.append(f"top_k: must be >= 0, got {self.top_k}")
+            found.append(("top_k", f"must be >= 0, got {self.top_k}"))
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            found.append(f"seed: must be a 64-bit signed integer, got {self.seed}")
+            found.append(("seed", f"must be a 64-bit signed integer, got {self.seed}"))
         if any(not s for s in self.stop):
-            found.append("stop: stop strings must not be empty")
+            found.append(("stop", "stop strings must not be empty"))
         return found
 
 

@@ -41,12 +41,12 @@ def test_same_seed_same_samples():
 
 def test_invalid_params_are_named():
     problems = SamplingParams(max_tokens=0, top_p=0.0, top_k=-1).problems()
-    assert [p.split(":")[0] for p in problems] == ["max_tokens", "top_p", "top_k"]
+    assert [field for field, _ in problems] == ["max_tokens", "top_p", "top_k"]
 
 
 def test_a_vanishing_temperature_is_greedy_and_a_seed_beyond_64_bits_is_refused():
     assert SamplingParams(temperature=1e-30).is_greedy
     assert not SamplingParams(temperature=0.01).is_greedy
     assert SamplingParams(seed=2**64).problems() == [
-        f"seed: must be a 64-bit signed integer, got {2**64}"]
+        ("seed", f"must be a 64-bit signed integer, got {2**64}")]
     assert SamplingParams(seed=-(2**63)).problems() == []
