@@ -12,6 +12,7 @@ the same rows (the forward the engine used before its own), for a before / after
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -62,6 +63,13 @@ def prefill_tokens_per_s(engine: GroupedEngine, prompt: list[int]) -> float:
     return len(prompt) / (time.perf_counter() - began)
 
 
+def cache_kwargs(model, cache: DynamicCache) -> dict:
+    """The forward's cache arguments. transformers 5 renamed `past_key_values` to `cache` (the old
+    name still works but logs a deprecation warning); older releases know only the old name."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
 @torch.inference_mode()
 def hf_step_ms(model, rows: list[list[int]], steps: int) -> float:
     """transformers' eager forward, left-padded rows over a DynamicCache, one token a step."""
@@ -73,7 +81,7 @@ def hf_step_ms(model, rows: list[list[int]], steps: int) -> float:
     cache = DynamicCache(config=model.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True)
+                **cache_kwargs(model, cache))
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     position = positions[:, -1:] + 1
     times = []
@@ -81,7 +89,7 @@ def hf_step_ms(model, rows: list[list[int]], steps: int) -> float:
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
         began = time.perf_counter()
         out = model(input_ids=next_ids, attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
+                    **cache_kwargs(model, cache))
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         times.append(time.perf_counter() - began)
         position = position + 1
