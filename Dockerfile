@@ -55,10 +55,10 @@ WORKDIR /app
 COPY model/ model/
 COPY server/ server/
 COPY bench/ bench/
-COPY data/ data/
 COPY deploy/healthcheck.py deploy/healthcheck.py
 COPY pyproject.toml README.md ./
-# The source tree is imported from /app (not installed) so `bench/` finds `data/` beside it.
+# The source is imported from /app, not installed: a source change rebuilds only these COPY
+# layers, never the virtualenv. The SQuAD selection ships inside `bench/` (bench/data/).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \

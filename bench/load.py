@@ -39,12 +39,10 @@ from bench.run_squad import _base_url, _positive
 from bench.squad import (
     QUESTIONS_PER_CONTEXT,
     SELECTION_FILE,
-    SYSTEM_PROMPT,
     Question,
     load_selection,
     make_groups,
     score_answer,
-    user_message,
 )
 from bench.squad_http import (
     ServerError,
@@ -53,6 +51,7 @@ from bench.squad_http import (
     _sse_chunks,
     fetch_model_id,
 )
+from model.prompts import question_messages
 
 SCENARIOS = ("burst", "trickle", "mixed", "rate")
 LONG_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -79,11 +78,7 @@ class RequestSpec:
     @property
     def messages(self) -> list[dict]:
         if self.question is not None:
-            return [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": user_message(self.question.context,
-                                                         self.question.question)},
-            ]
+            return question_messages(self.question.context, self.question.question)
         return [
             {"role": "system", "content": LONG_SYSTEM_PROMPT},
             {"role": "user", "content": LONG_REQUEST},

@@ -1,11 +1,12 @@
 """SQuAD v1.1 for the grouping experiment: the question selection, grouping and the scores.
 
-Standard library only, so `bench/run_squad.py` runs against any server without the project
-installed. The selection follows the research protocol: dev-set contexts with at least five
-questions, shuffled with `random.Random(seed)`, the first `num_contexts`, the first five
-questions of each in file order.
+Standard library only (with `model.prompts`, which is too), so `bench/run_squad.py` runs
+against any server without torch. The selection follows the research protocol: dev-set contexts
+with at least five questions, shuffled with `random.Random(seed)`, the first `num_contexts`, the
+first five questions of each in file order. The selection ships inside the package
+(`bench/data/squad/`), so an installed `bench` finds it too.
 
-    python bench/squad.py --squad ../shared/data/squad/dev-v1.1.json   # rewrite the shipped file
+    python -m bench.squad --squad ../shared/data/squad/dev-v1.1.json   # rewrite the shipped file
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "squad"
+from model.prompts import extract_answer
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "squad"
 SELECTION_FILE = DATA_DIR / "dev-selection.json"
 QUESTIONS_PER_CONTEXT = 5
 FAITHFUL_MULTIPLE = 60  # lcm(1..5): the original trims its flat list to a multiple of this
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. Answer the question based on the given passage.\n"
-    "You MUST wrap your answer in <answer></answer> tags. Be concise.\n\n"
-    "Example:\nQuestion: What color is the sky?\n<answer>blue</answer>"
-)
-ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -47,10 +44,6 @@ class Group:
     @property
     def is_context_pure(self) -> bool:
         return len({q.context_index for q in self.questions}) == 1
-
-
-def user_message(context: str, question: str) -> str:
-    return f"Passage:\n{context}\n\nQuestion: {question}"
 
 
 def select_contexts(squad: dict, num_contexts: int = 100, seed: int = 42) -> list[dict]:
@@ -143,11 +136,6 @@ def lenient_match(prediction: str, gold: str) -> float:
     if not predicted or not expected:
         return 0.0
     return float(expected in predicted or predicted in expected)
-
-
-def extract_answer(text: str) -> str | None:
-    match = ANSWER_PATTERN.search(text)
-    return match.group(1).strip() if match else None
 
 
 def score_answer(raw_text: str, golds: tuple[str, ...] | list[str]) -> dict:

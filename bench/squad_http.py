@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from bench.squad import SYSTEM_PROMPT, Question, user_message
+from bench.squad import Question
+from model.prompts import ANSWER_SYSTEM_PROMPT, question_messages
 
 
 class ServerError(RuntimeError):
@@ -74,7 +75,7 @@ async def ask_grouped(
     body = {
         "context": questions[0].context,
         "questions": [{"id": q.id, "question": q.question} for q in questions],
-        "system_prompt": SYSTEM_PROMPT,
+        "system_prompt": ANSWER_SYSTEM_PROMPT,
         "max_tokens": settings.max_tokens,
         "temperature": 0.0,
     }
@@ -110,10 +111,7 @@ async def ask_chat(
     as the body field and as the `X-Group-Id` header (a router can hash on a header only)."""
     body = {
         "model": settings.model,
-        "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user_message(question.context, question.question)},
-        ],
+        "messages": question_messages(question.context, question.question),
         "max_tokens": settings.max_tokens,
         "temperature": 0.0,
         "stream": True,

@@ -1,6 +1,7 @@
 #!/bin/sh
 # The system tools the deployment tests drive: nginx (the router) and docker-compose 1.29
-# (validates the compose files without a Docker engine). Installs only what is missing.
+# (validates the compose files without a Docker engine). Installs only what is missing, with
+# apt-get, as root; as any other user it says what is missing and how to install it.
 set -eu
 
 missing=""
@@ -8,8 +9,15 @@ missing=""
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 [ -z "$missing" ] && exit 0
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "missing:$missing; run as root or: sudo apt-get install -y$missing" >&2
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    cat >&2 <<MESSAGE
+The deployment tests (tests/test_deploy_*.py) need nginx and docker-compose; missing:$missing.
+Install them, then run \`make test\` again. On Debian or Ubuntu:
+
+    sudo apt-get install -y --no-install-recommends$missing
+
+(Run as root on Debian or Ubuntu, \`make test\` installs them itself.)
+MESSAGE
     exit 1
 fi
 echo "installing:$missing"

@@ -45,7 +45,7 @@ from model.train_data import Features
 from model.train_eval import evaluate
 from model.train_loop import TrainSettings, train
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "squad"
+DATA_DIR = Path(__file__).resolve().parent.parent / "bench" / "data" / "squad"
 DEFAULT_TRAIN = DATA_DIR / "train-v1.1-first11.json"
 ADAPTER_SUFFIX = "-adapter-only"  # the control's checkpoint sits next to the CSA one
 SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}

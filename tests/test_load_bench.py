@@ -13,7 +13,7 @@ import pytest
 
 from bench import compare, load
 from bench.load import RequestRecord
-from bench.squad import SYSTEM_PROMPT
+from model.prompts import ANSWER_SYSTEM_PROMPT
 
 SUMMARY_KEYS = {
     "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
@@ -51,7 +51,7 @@ def test_burst_plan_asks_every_question_of_the_passages_at_once():
         (0.0, None, 7, "question")}
     first = plan[0]
     assert first.messages == [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": ANSWER_SYSTEM_PROMPT},
         {"role": "user", "content": f"Passage:\n{first.question.context}\n\n"
                                     f"Question: {first.question.question}"},
     ]

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.squad import SELECTION_FILE
 from model.prompts import question_messages
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-SELECTION = REPO / "data" / "squad" / "dev-selection.json"
 
 
 @contextmanager
@@ -101,7 +101,7 @@ def test_embedded_model_end_to_end():
     """The default model behind a real process: a grouped request and the same questions as
     chat requests give the same answers (CSA off, greedy, fp32 weights: the format in which
     grouping is exactly invariant)."""
-    context = json.loads(SELECTION.read_text())["contexts"][0]
+    context = json.loads(SELECTION_FILE.read_text())["contexts"][0]
     questions = [q["question"] for q in context["questions"][:2]]
     with server_process("--csa", "off", "--weights", "fp32", "--threads", "1",
                         startup_s=300) as (process, url):
