@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from bench.squad import Group, load_selection, make_groups, score_answer
-from model.checkpoints import shipped_checkpoint
-from model.csa import CrossSequenceAttention, CSAConfig
 from model.engine import GroupedEngine, Member
+from model.group_head import GroupHead, GroupHeadConfig
 from model.loading import LoadedModel, load_model, weights_fingerprint
 from model.prompts import encode_chat, question_messages
 from model.sampling import SamplingParams
+from model.shipped_heads import shipped_checkpoint
 
 COLUMNS = [
     ("G", "group_size", "{}"),
@@ -43,17 +43,17 @@ COLUMNS = [
 ]
 
 
-def build_csa(choice: str | None, loaded: LoadedModel) -> tuple[CrossSequenceAttention | None, str]:
+def build_csa(choice: str | None, loaded: LoadedModel) -> tuple[GroupHead | None, str]:
     """`off`, `untrained` (identity), a checkpoint dir, or None for the shipped default."""
     hidden_size = loaded.model.config.hidden_size
     if choice == "off":
         return None, "off"
     if choice == "untrained":
-        return CrossSequenceAttention(CSAConfig(hidden_size=hidden_size)).eval(), "untrained"
+        return GroupHead(GroupHeadConfig(hidden_size=hidden_size)).eval(), "untrained"
     path = Path(choice) if choice else shipped_checkpoint(loaded.name)
     if path is None:
         return None, "off (no shipped checkpoint)"
-    csa = CrossSequenceAttention.load(
+    csa = GroupHead.load(
         path, loaded.name, weights_fingerprint(loaded.model), hidden_size
     )
     return csa, str(path)

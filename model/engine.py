@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from model.batch import Chunk, Group, PrefillJob, Row, build_step, extents
-from model.csa import CrossSequenceAttention
 from model.forward import DecoderForward
+from model.group_head import GroupHead
 from model.kv_pool import KVPool, SlotAllocator
 from model.prefix_cache import PrefixCache
 from model.request import EngineInputError, Member, Status, TokenEvent, Usage
@@ -67,7 +67,7 @@ def left_pad(
 class GroupedEngine:
     """Not thread-safe: one thread calls `add` and `step`; `Member.abort` is safe from any."""
 
-    def __init__(self, model, tokenizer, csa: CrossSequenceAttention | None = None, *,
+    def __init__(self, model, tokenizer, csa: GroupHead | None = None, *,
                  kv_cache_mb: float | None = None,
                  max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
         self.model = model

@@ -13,7 +13,7 @@ import sys
 
 import uvicorn
 
-from model.csa import CheckpointMismatchError
+from model.group_head import CheckpointMismatchError
 from model.loading import ModelLoadError
 from server.app import begin_drain, create_app, end_in_flight, is_drained
 from server.config import Settings, SettingsError

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.checkpoints import shipped_checkpoint
-from model.csa import CrossSequenceAttention
 from model.engine import EngineInputError, GroupedEngine
+from model.group_head import GroupHead
 from model.loading import LoadedModel, load_model, weights_fingerprint
 from model.prompts import encode_chat, longest_token_chars
+from model.shipped_heads import shipped_checkpoint
 from server.config import CSA_AUTO, Settings
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -92,13 +92,13 @@ def csa_path(settings: Settings, model_name: str) -> Path | None:
     return Path(settings.csa).expanduser()
 
 
-def load_csa(settings: Settings, loaded: LoadedModel) -> CrossSequenceAttention | None:
+def load_csa(settings: Settings, loaded: LoadedModel) -> GroupHead | None:
     """Raises CheckpointMismatchError for a checkpoint trained on another base model and
     FileNotFoundError for a path that holds none."""
     path = csa_path(settings, loaded.name)
     if path is None:
         return None
-    return CrossSequenceAttention.load(
+    return GroupHead.load(
         path,
         base_model=loaded.name,
         base_fingerprint=weights_fingerprint(loaded.model),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.csa import CrossSequenceAttention, CSAConfig
 from model.engine import EngineInputError, GroupedEngine, Member, shared_prefix_length
+from model.group_head import GroupHead, GroupHeadConfig
 from model.prompts import encode_chat, question_messages
 from model.sampling import SamplingParams
 from model.tiny import build_tiny_model
@@ -68,7 +68,7 @@ def make_groups(tiny, sizes: list[int], max_tokens: int = 10) -> list[list[Membe
 @pytest.mark.parametrize("sizes", [[1], [2], [3], [4], [5], [5, 1, 3]])
 def test_every_member_gets_its_unbatched_greedy_answer(tiny, sizes, csa_kind):
     hidden = tiny.model.config.hidden_size
-    csa = CrossSequenceAttention(CSAConfig(hidden_size=hidden)) if csa_kind == "untrained" else None
+    csa = GroupHead(GroupHeadConfig(hidden_size=hidden)) if csa_kind == "untrained" else None
     engine = GroupedEngine(tiny.model, tiny.tokenizer, csa)
     groups = make_groups(tiny, sizes)
     results = run(engine, groups)
@@ -229,7 +229,7 @@ def test_trained_csa_keeps_groups_apart(tiny):
     """A CSA with non-zero weights changes answers inside a group, but never across groups,
     and a group of one is decoded exactly as alone."""
     torch.manual_seed(3)
-    csa = CrossSequenceAttention(CSAConfig(hidden_size=tiny.model.config.hidden_size, num_heads=4))
+    csa = GroupHead(GroupHeadConfig(hidden_size=tiny.model.config.hidden_size, num_heads=4))
     torch.nn.init.normal_(csa.o_proj.weight, std=2.0)
     torch.nn.init.constant_(csa.gate_out.bias, 3.0)
     engine = GroupedEngine(tiny.model, tiny.tokenizer, csa)

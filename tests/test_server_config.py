@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from model.csa import CheckpointMismatchError, CrossSequenceAttention, CSAConfig
+from model.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
 from model.loading import weights_fingerprint
 from server.__main__ import main
 from server.app import create_app
@@ -81,9 +81,9 @@ def test_csa_path_resolution(tmp_path):
 
 
 def save_checkpoint(directory, hidden_size: int, fingerprint: str) -> None:
-    config = CSAConfig(hidden_size=hidden_size, num_heads=4, base_model="some-model",
+    config = GroupHeadConfig(hidden_size=hidden_size, num_heads=4, base_model="some-model",
                        base_fingerprint=fingerprint)
-    CrossSequenceAttention(config).save(directory)
+    GroupHead(config).save(directory)
 
 
 def test_checkpoint_of_another_model_stops_start_up(tiny_model, tmp_path, capsys):

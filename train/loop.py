@@ -1,4 +1,4 @@
-"""The CSA training loop on cached answer-step features (see `model/train_data.py`).
+"""The training loop of a group head on cached answer-step features (see `train/features.py`).
 
 A batch is a set of groups (rows of one passage, 1 to `max_group` rows each). CSA at answer step
 t mixes the step-t hidden states of a group's rows that are still active (t < their target
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.csa import CrossSequenceAttention
-from model.train_data import Features
+from model.group_head import GroupHead
+from train.features import Features
 
 
 @dataclass(frozen=True)
@@ -83,39 +83,39 @@ def batch_tensors(features: Features, groups: list) -> tuple[torch.Tensor, ...]:
 
 
 def answer_logits(
-    csa: CrossSequenceAttention | None, lm_head, hidden: torch.Tensor, group_ids: torch.Tensor
+    head: GroupHead | None, lm_head, hidden: torch.Tensor, group_ids: torch.Tensor
 ) -> torch.Tensor:
     """The engine's head: CSA on the hidden states, the frozen LM head, then the adapter."""
-    if csa is None:
+    if head is None:
         return lm_head(hidden)
-    mixed = csa(hidden, group_ids, torch.ones_like(group_ids, dtype=torch.bool))
+    mixed = head(hidden, group_ids, torch.ones_like(group_ids, dtype=torch.bool))
     logits = lm_head(mixed)
-    delta = csa.head_delta(mixed)
+    delta = head.head_delta(mixed)
     return logits if delta is None else logits + delta
 
 
-def answer_loss(csa, lm_head, features: Features, groups: list) -> torch.Tensor:
+def answer_loss(head, lm_head, features: Features, groups: list) -> torch.Tensor:
     hidden, targets, group_ids = batch_tensors(features, groups)
-    return F.cross_entropy(answer_logits(csa, lm_head, hidden, group_ids), targets)
+    return F.cross_entropy(answer_logits(head, lm_head, hidden, group_ids), targets)
 
 
 @torch.no_grad()
-def heldout_loss(csa, lm_head, features: Features, settings: TrainSettings) -> float:
+def heldout_loss(head, lm_head, features: Features, settings: TrainSettings) -> float:
     """Mean answer-token loss over the held-out rows, grouped in file order."""
     groups = make_groups(features, settings.max_group, None)
     lengths = features.row_lengths.tolist()
     total, count = 0.0, 0
     for batch in pack_batches(groups, lengths, settings.batch_tokens * 4):
         tokens = sum(lengths[r] for g in batch for r in g)
-        total += float(answer_loss(csa, lm_head, features, batch)) * tokens
+        total += float(answer_loss(head, lm_head, features, batch)) * tokens
         count += tokens
     return total / max(count, 1)
 
 
-def _optimizer(csa: CrossSequenceAttention, settings: TrainSettings) -> torch.optim.AdamW:
+def _optimizer(head: GroupHead, settings: TrainSettings) -> torch.optim.AdamW:
     """Weight decay on matrices only: decaying the gate bias would open the gate by itself."""
-    matrices = [p for p in csa.parameters() if p.requires_grad and p.dim() >= 2]
-    others = [p for p in csa.parameters() if p.requires_grad and p.dim() < 2]
+    matrices = [p for p in head.parameters() if p.requires_grad and p.dim() >= 2]
+    others = [p for p in head.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": settings.weight_decay},
               {"params": others, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
@@ -131,33 +131,33 @@ def _lr_factor(step: int, total: int, warmup_share: float) -> float:
 
 
 def train(
-    csa: CrossSequenceAttention, lm_head, train_features: Features, heldout: Features,
+    head: GroupHead, lm_head, train_features: Features, heldout: Features,
     settings: TrainSettings, on_step: Callable[[float], None] | None = None,
 ) -> list[dict]:
-    """Trains the parameters of `csa` that require grad (fp32 master weights, AdamW) and keeps
+    """Trains the parameters of `head` that require grad (fp32 master weights, AdamW) and keeps
     the weights with the lowest held-out loss, measured before training and then
     `settings.evals_per_epoch` times an epoch: a module that starts as the identity can only
     improve on its start. Returns the history of those measurements."""
-    csa.float()
+    head.float()
     rng = random.Random(settings.seed)
     torch.manual_seed(settings.seed)
-    optimizer = _optimizer(csa, settings)
+    optimizer = _optimizer(head, settings)
     lengths = train_features.row_lengths.tolist()
     steps_per_epoch = math.ceil(sum(lengths) / settings.batch_tokens)
     total = steps_per_epoch * settings.epochs
     if settings.max_steps:
         total = min(total, settings.max_steps)
     eval_every = max(1, steps_per_epoch // settings.evals_per_epoch)
-    start = heldout_loss(csa.eval(), lm_head, heldout, settings)
+    start = heldout_loss(head.eval(), lm_head, heldout, settings)
     history = [{"epoch": 0.0, "steps": 0, "train_loss": None, "heldout_loss": start}]
-    best, step, losses = (start, copy.deepcopy(csa.state_dict())), 0, []
-    csa.train()
+    best, step, losses = (start, copy.deepcopy(head.state_dict())), 0, []
+    head.train()
     while step < total:
         groups = make_groups(train_features, settings.max_group, rng)
         for batch in pack_batches(groups, lengths, settings.batch_tokens):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, total, settings.warmup_share)
-            loss = answer_loss(csa, lm_head, train_features, batch)
+            loss = answer_loss(head, lm_head, train_features, batch)
             if loss.requires_grad:  # not when only CSA trains and no row of the batch has a peer
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -167,15 +167,15 @@ def train(
             if on_step is not None:
                 on_step(losses[-1])
             if step % eval_every == 0 or step == total:
-                val = heldout_loss(csa.eval(), lm_head, heldout, settings)
-                csa.train()
+                val = heldout_loss(head.eval(), lm_head, heldout, settings)
+                head.train()
                 history.append({"epoch": round(step / steps_per_epoch, 2), "steps": step,
                                 "train_loss": sum(losses) / len(losses), "heldout_loss": val})
                 losses = []
                 if val < best[0]:
-                    best = (val, copy.deepcopy(csa.state_dict()))
+                    best = (val, copy.deepcopy(head.state_dict()))
             if step >= total:
                 break
-    csa.load_state_dict(best[1])
-    csa.eval().requires_grad_(False)
+    head.load_state_dict(best[1])
+    head.eval().requires_grad_(False)
     return history

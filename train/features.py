@@ -1,48 +1,29 @@
-"""CSA training data: SQuAD-layout passages, one (prompt, target) example per question, and the
-teacher-forced final hidden states at every answer step.
+"""The teacher-forced final hidden states at every answer step of the training examples.
 
-The base model is frozen and CSA + the LM-head adapter act only on the final normed hidden state
-just before the LM head, so those hidden states do not depend on the trained weights: they are
-computed once (one forward per batch of passages) and training runs on them.
+The base model is frozen and the group head acts only on the final normed hidden state just
+before the LM head, so those hidden states do not depend on the trained weights: they are
+computed once (one forward per batch of passages), cached on disk, and training runs on them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache
 
 from model.engine import left_pad, shared_prefix_length
-from model.prompts import encode_chat, question_messages
+from model.loading import cache_dir
+from train.data import Example
 
 FEATURES_VERSION = 1  # bump when the layout of the cached features changes
-
-
-@dataclass(frozen=True)
-class Question:
-    question: str
-    answers: tuple[str, ...]  # gold answers; the first one is the training target
-
-
-@dataclass(frozen=True)
-class Passage:
-    context: str
-    questions: tuple[Question, ...]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One question, tokenized: the serving prompt and the answer it should produce."""
-
-    prompt_ids: tuple[int, ...]
-    target_ids: tuple[int, ...]  # <answer>{first gold}</answer> + end-of-turn
-    passage_index: int
 
 
 @dataclass
@@ -74,52 +55,6 @@ class Features:
             self.hidden[keep_token], self.targets[keep_token],
             self.row_lengths[keep_row], self.row_passages[keep_row],
         )
-
-
-def read_squad(path: str | Path) -> list[Passage]:
-    """Passages of a file in the official SQuAD v1.1 JSON layout, in file order."""
-    try:
-        data = json.loads(Path(path).read_text())["data"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"cannot read SQuAD file {path}: {exc}") from exc
-    passages = []
-    for article in data:
-        for paragraph in article["paragraphs"]:
-            questions = tuple(
-                Question(qa["question"], tuple(a["text"].strip() for a in qa["answers"]))
-                for qa in paragraph["qas"]
-                if qa["answers"]
-            )
-            if questions:
-                passages.append(Passage(paragraph["context"], questions))
-    return passages
-
-
-def split_passages(num_passages: int, num_heldout: int, seed: int) -> tuple[list[int], list[int]]:
-    """-> (train, held-out) passage indices, both sorted; the held-out ones drawn with
-    `random.Random(seed)`."""
-    if not 0 < num_heldout < num_passages:
-        raise SystemExit(f"cannot hold out {num_heldout} of {num_passages} passages")
-    order = list(range(num_passages))
-    random.Random(seed).shuffle(order)
-    return sorted(order[num_heldout:]), sorted(order[:num_heldout])
-
-
-def answer_target(tokenizer, answer: str) -> list[int]:
-    ids = tokenizer(f"<answer>{answer}</answer>", add_special_tokens=False)["input_ids"]
-    return [*ids, tokenizer.eos_token_id]
-
-
-def make_examples(tokenizer, passages: Sequence[Passage]) -> list[Example]:
-    return [
-        Example(
-            tuple(encode_chat(tokenizer, question_messages(passage.context, q.question))),
-            tuple(answer_target(tokenizer, q.answers[0])),
-            index,
-        )
-        for index, passage in enumerate(passages)
-        for q in passage.questions
-    ]
 
 
 @torch.inference_mode()
@@ -211,3 +146,25 @@ def load_features(path: Path) -> Features | None:
     if not path.is_file():
         return None
     return Features(**torch.load(path, weights_only=True))
+
+
+def cached_features(
+    loaded, examples: Sequence[Example], fingerprint: str, passages_per_batch: int,
+    use_cache: bool = True,
+) -> Features:
+    """The answer-step hidden states of every example, from the cache when possible (and when
+    `use_cache`); computed ones are written to the cache either way."""
+    path = cache_dir() / "csa-features" / f"{features_key(fingerprint, examples)}.pt"
+    features = load_features(path) if use_cache else None
+    if features is not None:
+        print(f"features: {path} (cached)", file=sys.stderr)
+        return features
+    began = time.perf_counter()
+    with tqdm(total=len(examples), desc="features", unit="q", mininterval=1.0) as bar:
+        features = compute_features(
+            loaded.model.get_decoder(), examples, loaded.tokenizer.pad_token_id,
+            passages_per_batch, bar.update,
+        )
+    print(f"features: {time.perf_counter() - began:.0f} s -> {path}", file=sys.stderr)
+    save_features(features, path)
+    return features

@@ -1,4 +1,5 @@
-"""CSA training: answer-step indexing with left padding, the loss, checkpoints, a smoke run."""
+"""Training the group head: answer-step indexing with left padding, the loss, checkpoints, a
+smoke run of `python -m train`."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoints import shipped_checkpoint
-from model.csa import CheckpointMismatchError, CrossSequenceAttention, CSAConfig
+from bench import engine_bench
+from model.group_head import (
+    CheckpointMismatchError,
+    GroupHead,
+    GroupHeadConfig,
+    read_checkpoint_config,
+)
+from model.shipped_heads import shipped_checkpoint
 from model.tiny import build_tiny_model
-from model.train_csa import main as train_main
-from model.train_data import Passage, Question, compute_features, make_examples, read_squad
-from model.train_loop import answer_logits, answer_loss, batch_tensors, make_groups
+from train.__main__ import main as train_main
+from train.data import Passage, Question, make_examples, read_squad
+from train.evaluate import bench_controls, heldout_generation
+from train.features import compute_features
+from train.loop import answer_logits, answer_loss, batch_tensors, make_groups
 
 PASSAGES = [
     Passage("Cats sleep most of the day.", (
@@ -64,9 +73,9 @@ def test_loss_equals_per_row_unpadded_cross_entropy(tiny):
     )
     groups = make_groups(features, max_group=5, rng=None)
     # an untrained module is the identity, so the loss must be the base model's own
-    csa = CrossSequenceAttention(CSAConfig(hidden_size=64, num_heads=4, adapter_rank=2,
-                                           vocab_size=tiny.model.config.vocab_size))
-    loss = answer_loss(csa, tiny.model.get_output_embeddings(), features, groups)
+    head = GroupHead(GroupHeadConfig(hidden_size=64, num_heads=4, adapter_rank=2,
+                                     vocab_size=tiny.model.config.vocab_size))
+    loss = answer_loss(head, tiny.model.get_output_embeddings(), features, groups)
     token_losses = []
     for example in examples:
         sequence = torch.tensor([example.prompt_ids + example.target_ids])
@@ -85,16 +94,16 @@ def test_csa_mixes_rows_of_one_group_at_the_same_step_only(tiny):
     features = compute_features(tiny.model.get_decoder(), examples, tiny.tokenizer.pad_token_id)
     groups = [[0, 1], [2, 3, 4], [5]]  # rows by passage
     hidden, _, group_ids = batch_tensors(features, groups)
-    csa = CrossSequenceAttention(CSAConfig(hidden_size=64, num_heads=4))
-    torch.nn.init.normal_(csa.o_proj.weight, std=0.5)  # no longer the identity
+    head = GroupHead(GroupHeadConfig(hidden_size=64, num_heads=4))
+    torch.nn.init.normal_(head.o_proj.weight, std=0.5)  # no longer the identity
     lm_head = tiny.model.get_output_embeddings()
-    logits = answer_logits(csa, lm_head, hidden, group_ids)
+    logits = answer_logits(head, lm_head, hidden, group_ids)
     lengths = features.row_lengths.tolist()
     # the single row of passage 2 has no peer: unchanged
     torch.testing.assert_close(logits[-lengths[5]:], lm_head(hidden[-lengths[5]:]))
     # rows 0 and 1 mixed step by step: the same as running the pair alone
     pair = sum(lengths[:2])
-    alone = answer_logits(csa, lm_head, hidden[:pair], group_ids[:pair])
+    alone = answer_logits(head, lm_head, hidden[:pair], group_ids[:pair])
     torch.testing.assert_close(logits[:pair], alone)
     assert not torch.allclose(logits[:pair], lm_head(hidden[:pair]))
     # a step at which only one row of a group is still active is left as it is
@@ -105,30 +114,31 @@ def test_csa_mixes_rows_of_one_group_at_the_same_step_only(tiny):
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
-    config = CSAConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50, head_mlp=8,
-                       base_model="tiny-random", base_fingerprint="abc123",
-                       meta={"trained": ["csa", "gate", "lm_head_adapter"], "metrics": {"f1": 0.5}})
-    csa = CrossSequenceAttention(config)
-    for parameter in csa.parameters():
+    config = GroupHeadConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50,
+                             head_mlp=8, base_model="tiny-random", base_fingerprint="abc123")
+    meta = {"trained": ["csa", "gate", "lm_head_adapter"], "metrics": {"f1": 0.5}}
+    head = GroupHead(config, meta)
+    for parameter in head.parameters():
         torch.nn.init.normal_(parameter)
-    csa.save(tmp_path)
-    loaded = CrossSequenceAttention.load(tmp_path, "tiny-random", "abc123", 64)
+    head.save(tmp_path)
+    loaded = GroupHead.load(tmp_path, "tiny-random", "abc123", 64)
     assert loaded.config == config
-    for name, tensor in csa.state_dict().items():
+    assert loaded.meta == meta
+    for name, tensor in head.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
     h, groups = torch.randn(4, 64), torch.tensor([0, 0, 1, 1])
     active = torch.ones(4, dtype=torch.bool)
-    torch.testing.assert_close(loaded(h, groups, active), csa(h, groups, active))
+    torch.testing.assert_close(loaded(h, groups, active), head(h, groups, active))
     with pytest.raises(CheckpointMismatchError, match="trained on tiny-random"):
-        CrossSequenceAttention.load(tmp_path, "other-model", "def456", 64)
+        GroupHead.load(tmp_path, "other-model", "def456", 64)
     with pytest.raises(CheckpointMismatchError, match="hidden size"):
-        CrossSequenceAttention.load(tmp_path, "tiny-random", "abc123", 128)
+        GroupHead.load(tmp_path, "tiny-random", "abc123", 128)
 
 
 def test_head_adapter_starts_as_identity_and_applies_to_every_row():
-    config = CSAConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50, head_mlp=8,
-                       use_csa=False)
-    adapter = CrossSequenceAttention(config)
+    config = GroupHeadConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50,
+                             head_mlp=8, use_csa=False)
+    adapter = GroupHead(config)
     assert not hasattr(adapter, "q_proj")  # no CSA weights in an adapter-only module
     h, groups = torch.randn(3, 64), torch.tensor([0, 0, 1])
     active = torch.ones(3, dtype=torch.bool)
@@ -171,21 +181,58 @@ def test_smoke_training_run_lowers_the_loss(tmp_path, monkeypatch):
     assert losses["adapter-only"] < losses["base"] - 0.5
     # CSA starts from the trained adapter as the identity and keeps its best weights
     assert losses["csa+adapter"] <= losses["adapter-only"]
-    control = CrossSequenceAttention.load(f"{out}-adapter-only", "tiny-random")
-    history = control.config.meta["history"]
+    control = GroupHead.load(f"{out}-adapter-only", "tiny-random")
+    history = control.meta["history"]
     assert history[-1]["train_loss"] < history[1]["train_loss"]
     assert history[0]["heldout_loss"] == losses["base"]
     assert not control.config.use_csa
-    assert control.config.meta["trained"] == ["adapter_down", "adapter_up", "head_mlp"]
-    trained = CrossSequenceAttention.load(out, "tiny-random")
-    assert trained.config.use_csa and "o_proj" in trained.config.meta["trained"]
-    assert "head_mlp" not in trained.config.meta["trained"]
-    assert trained.config.meta["metrics"]["heldout_loss"] == losses
+    assert control.meta["trained"] == ["adapter_down", "adapter_up", "head_mlp"]
+    trained = GroupHead.load(out, "tiny-random")
+    assert trained.config.use_csa and "o_proj" in trained.meta["trained"]
+    assert "head_mlp" not in trained.meta["trained"]
+    assert trained.meta["metrics"]["heldout_loss"] == losses
     # the adapter inside the CSA checkpoint is the control's, untouched
     for name, tensor in control.state_dict().items():
         assert torch.equal(trained.state_dict()[name], tensor)
     # the features were cached: a second run reads them instead of recomputing
     assert len(list((tmp_path / "cache" / "csa-features").glob("*.pt"))) == 1
+
+
+def test_bench_controls_run_the_bench_on_every_stored_checkpoint(tmp_path):
+    head = GroupHead(GroupHeadConfig(hidden_size=64, num_heads=4), {"trained": []})
+    head.save(tmp_path / "untrained")
+    results = bench_controls({"untrained": tmp_path / "untrained"}, contexts=1,
+                             model="tiny-random", max_tokens=8)
+    assert set(results) == {"base", "untrained"}
+    timing = {"seconds", "questions_per_second"}
+    for by_size in results.values():
+        assert set(by_size) == {"G1", "G5"}
+        for size, row in by_size.items():
+            assert row["group_size"] == int(size[1:]) and row["num_questions"] == 5
+            assert {key for _, key, _ in engine_bench.COLUMNS} <= set(row)
+            assert "answers" not in row
+            # the untrained head is the identity: it answers as the base model does
+            assert {k: v for k, v in results["untrained"][size].items() if k not in timing} == {
+                k: v for k, v in results["base"][size].items() if k not in timing
+            }
+
+
+def test_heldout_generation_scores_every_control_with_the_bench_scores(tiny):
+    passage = Passage("Cats sleep most of the day. Dogs bark.", tuple(
+        Question(f"Question {i}?", ("Cats",)) for i in range(6)
+    ))
+    head = GroupHead(GroupHeadConfig(hidden_size=64, num_heads=4))
+    results = heldout_generation(tiny, {"base": None, "untrained": head}, [passage, PASSAGES[0]],
+                                 contexts=5, group_sizes=[1, 5], max_tokens=4)
+    for by_size in results.values():
+        assert set(by_size) == {"G1", "G5"}
+        for size, row in by_size.items():
+            # only the passage with five questions counts, and only its first five
+            assert (row["group_size"], row["questions"]) == (int(size[1:]), 5)
+            assert row["em"] == 0.0 and row["tag_rate"] == 0.0  # 4 tokens cannot close a tag
+            assert 0.0 <= row["f1"] <= 1.0 and 5 <= row["completion_tokens"] <= 20
+    # the untrained head is the identity: it answers as the base model does
+    assert results["untrained"]["G5"]["f1"] == results["base"]["G5"]["f1"]
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "model" / "checkpoints"
@@ -197,11 +244,12 @@ def test_shipped_checkpoints_are_small_and_describe_themselves():
     control_dir = SHIPPED_DIR / "smollm2-135m-instruct-adapter-only"
     for directory, use_csa in ((csa_dir, True), (control_dir, False)):
         assert sum(f.stat().st_size for f in directory.iterdir()) <= 10_000_000
-        config = CSAConfig(**json.loads((directory / "config.json").read_text()))
+        config, meta = read_checkpoint_config(directory)
         assert config.use_csa is use_csa
+        # the weights' names are the head's attribute names: the shipped files load strictly
+        assert GroupHead.load(directory).config == config
         assert (config.base_model, config.hidden_size) == ("SmolLM2-135M-Instruct", 576)
         assert len(config.base_fingerprint) == 64
-        meta = config.meta
         assert meta["trained"] and meta["settings"] and meta["train_args"]["train"]
         assert set(meta["metrics"]["bench"]) == {"base", "adapter-only", "csa+adapter"}
         assert meta["data"]["heldout_passages"] > 0
@@ -216,10 +264,10 @@ def test_shipped_checkpoint_loads_on_the_embedded_model_and_keeps_g1_answers():
 
     loaded = load_model()
     fingerprint = weights_fingerprint(loaded.model)
-    csa = CrossSequenceAttention.load(
+    csa = GroupHead.load(
         shipped_checkpoint(loaded.name), loaded.name, fingerprint, 576
     )
-    control = CrossSequenceAttention.load(
+    control = GroupHead.load(
         SHIPPED_DIR / "smollm2-135m-instruct-adapter-only", loaded.name, fingerprint, 576
     )
     passage = PASSAGES[1]

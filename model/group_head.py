@@ -1,12 +1,16 @@
-"""Cross-sequence attention (CSA): each row of a group looks at the other rows' newest hidden
-state just before the LM head, so questions about one passage can inform each other.
+"""The group head: what the engine puts between the base model's final hidden states and its
+LM head for rows of grouped questions. Two trained parts, either of which may be absent:
+cross-sequence attention (CSA, with its gate) and the LM-head adapter. A head without CSA (the
+"adapter-only" training control) is a `GroupHead` whose config has `use_csa` False.
 
-For the final normed hidden states h [B, d] of the newest token of every row:
+Cross-sequence attention: each row of a group looks at the other rows' newest hidden state just
+before the LM head, so questions about one passage can inform each other. For the final normed
+hidden states h [B, d] of the newest token of every row:
     Q, K, V = h Wq, h Wk, h Wv                    (num_heads heads, no bias)
     a = softmax(Q K^T / sqrt(d_head) + mask) V Wo  (mask: same group, other row, row active)
     g = sigmoid(W2 GELU(W1 [LN(h); LN(a); LN(h) * LN(a)] + b1) + b2)   (per dimension)
     h' = h + g * a
-Wo starts at zero, so an untrained module is exactly the identity. A row with no other active
+Wo starts at zero, so an untrained head is exactly the identity. A row with no other active
 row in its group (a group of one, or the last unfinished row) gets a = 0, hence h' = h.
 
 The LM-head adapter has two optional parts, both the identity until trained and both leaving
@@ -15,15 +19,16 @@ a residual MLP on the LM head's input, h'' = h' + W4 GELU(W3 LN(h') + b3) + b4 (
 zero), applied at the end of `forward` for every row (groups of one too); and a low-rank delta
 (h'' A) B added to the logits by `head_delta` (B starts at zero).
 
-A checkpoint is a directory with `csa.safetensors` and `config.json`; the shipped ones store
-the weights in fp16.
+A checkpoint is a directory with `csa.safetensors` and `config.json` (the config's fields and,
+under "meta", the training metadata); the shipped ones store the weights in fp16. The weights'
+names are the attribute names below, so they must not change without converting checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,42 +38,58 @@ from torch import nn
 
 WEIGHTS_FILE = "csa.safetensors"
 CONFIG_FILE = "config.json"
+# the layers of cross-sequence attention and its gate (the rest of a head is the adapter)
+CROSS_ATTENTION_LAYERS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "norm_h", "norm_a", "gate_in", "gate_out",
+)
 
 
 class CheckpointMismatchError(ValueError):
-    """A CSA checkpoint was made for another base model."""
+    """A checkpoint was made for another base model. Messages call checkpoints "CSA
+    checkpoints", the name the `--csa` option gives them."""
 
 
-@dataclass
-class CSAConfig:
+@dataclass(frozen=True)
+class GroupHeadConfig:
     hidden_size: int
     num_heads: int = 8
     gate_bias_init: float = -3.0
     adapter_rank: int = 0  # 0: no low-rank logits delta
     head_mlp: int = 0  # hidden width of the residual MLP on the LM head's input; 0: none
     vocab_size: int = 0  # the adapter's output size; needed when adapter_rank > 0
-    use_csa: bool = True  # False: adapter-only checkpoint (the training control)
+    use_csa: bool = True  # False: the LM-head adapter alone (the training control)
     base_model: str = ""
     base_fingerprint: str = ""
-    meta: dict = field(default_factory=dict)  # training args, metrics: informational
 
     @property
     def gate_hidden(self) -> int:
         return max(1, self.hidden_size // 4)
 
 
-class CrossSequenceAttention(nn.Module):
-    def __init__(self, config: CSAConfig):
+def read_checkpoint_config(directory: str | Path) -> tuple[GroupHeadConfig, dict]:
+    """-> (config, training metadata) of the checkpoint in `directory`."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no CSA checkpoint at {directory} (missing {CONFIG_FILE})")
+    fields = json.loads(path.read_text())
+    meta = fields.pop("meta", {})
+    return GroupHeadConfig(**fields), meta
+
+
+class GroupHead(nn.Module):
+    def __init__(self, config: GroupHeadConfig, meta: dict | None = None):
         super().__init__()
         if config.hidden_size % config.num_heads:
             raise ValueError(
                 f"hidden size {config.hidden_size} is not divisible by {config.num_heads} heads"
             )
         self.config = config
+        # training arguments, history, metrics: informational, saved with the checkpoint
+        self.meta = dict(meta or {})
         d = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = d // config.num_heads
-        if config.use_csa:  # an adapter-only module carries no attention or gate weights
+        if config.use_csa:  # an adapter-only head carries no attention or gate weights
             self.q_proj = nn.Linear(d, d, bias=False)
             self.k_proj = nn.Linear(d, d, bias=False)
             self.v_proj = nn.Linear(d, d, bias=False)
@@ -108,10 +129,10 @@ class CrossSequenceAttention(nn.Module):
         """h: [B, d]; group_ids: [B] (rows with equal ids form a group); active: [B] bool.
         Returns the LM head's input [B, d]: CSA leaves inactive rows and rows without peers
         unchanged; the head MLP, when there is one, then applies to every row."""
-        mixed = self.mix(h, group_ids, active) if self.config.use_csa else h
+        mixed = self.cross_attend(h, group_ids, active) if self.config.use_csa else h
         return mixed if self.head_mlp is None else mixed + self.head_mlp(mixed)
 
-    def mix(
+    def cross_attend(
         self, h: torch.Tensor, group_ids: torch.Tensor, active: torch.Tensor
     ) -> torch.Tensor:
         """The cross-sequence attention alone: h [B, d] -> h + g * a [B, d]."""
@@ -155,18 +176,17 @@ class CrossSequenceAttention(nn.Module):
             for name, t in self.state_dict().items()
         }
         save_file(state, directory / WEIGHTS_FILE)
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        fields = {**asdict(self.config), "meta": self.meta}
+        (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2) + "\n")
 
     @classmethod
     def load(
         cls, directory: str | Path, base_model: str = "", base_fingerprint: str = "",
         hidden_size: int | None = None,
-    ) -> CrossSequenceAttention:
+    ) -> GroupHead:
         """Loads a checkpoint and refuses one made for another base model."""
         directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"no CSA checkpoint at {directory} (missing {CONFIG_FILE})")
-        config = CSAConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        config, meta = read_checkpoint_config(directory)
         if hidden_size is not None and config.hidden_size != hidden_size:
             raise CheckpointMismatchError(
                 f"CSA checkpoint {directory} has hidden size {config.hidden_size}, "
@@ -178,6 +198,6 @@ class CrossSequenceAttention(nn.Module):
                 f" (weights {config.base_fingerprint[:12]}), not on {base_model or 'this model'}"
                 f" (weights {base_fingerprint[:12]})"
             )
-        module = cls(config)
-        module.load_state_dict(load_file(directory / WEIGHTS_FILE))
-        return module.eval().requires_grad_(False)
+        head = cls(config, meta)
+        head.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        return head.eval().requires_grad_(False)
