@@ -15,11 +15,11 @@ from fastapi import Request
 
 from model.engine import Member, TokenEvent
 from model.sampling import SamplingParams
+from server.question import Question
 from server.responses import respond
 from server.schemas import ChatCompletionRequest
 from server.services import Services
 from server.usage import usage_body
-from server.worker import ServerRequest
 
 DEFAULT_MAX_TOKENS = 256  # when the request sets neither max_tokens nor max_completion_tokens
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
@@ -43,12 +43,12 @@ def sampling_params(body: ChatCompletionRequest, prompt_length: int, max_context
 class ChatReply:
     """The response shapes of one chat completion (one question)."""
 
-    def __init__(self, model_name: str, include_usage: bool, request: ServerRequest):
+    def __init__(self, model_name: str, include_usage: bool, question: Question):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model_name
         self.include_usage = include_usage
-        self.requests = [request]
+        self.questions = [question]
         self.parts: list[str] = []
         self.final: TokenEvent | None = None  # the event that finished it
 
@@ -95,14 +95,14 @@ async def create_chat_completion(
     body: ChatCompletionRequest, http_request: Request, services: Services
 ):
     services.check_model(body.model)
-    request = await _enqueue(body, http_request.headers.get("x-group-id"),
-                             http_request.state.tenant, services)
-    reply = ChatReply(services.model_name, body.includes_usage_chunk, request)
-    return await respond(reply, request.events, body.stream, http_request, services.scheduler)
+    question = await _enqueue(body, http_request.headers.get("x-group-id"),
+                              http_request.state.tenant, services)
+    reply = ChatReply(services.model_name, body.includes_usage_chunk, question)
+    return await respond(reply, question.events, body.stream, http_request, services.scheduler)
 
 
 async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
-                   services: Services):
+                   services: Services) -> Question:
     """Tokenizes, validates (EngineInputError -> 400) and queues (QueueFullError -> 429).
     The tenant and the cache salt scope both the prefix cache and the group hint."""
     messages = [message.as_template_message() for message in body.messages]
@@ -113,7 +113,7 @@ async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant:
     namespace = (tenant, body.cache_salt)
     member = Member(prompt_ids, params, namespace=namespace)
     services.engine.check_group([member])
-    request = ServerRequest(member, asyncio.Queue())
+    question = Question(member, asyncio.Queue())
     hint = body.group_id or header_hint
-    services.scheduler.submit(request, (namespace, hint) if hint else None)
-    return request
+    services.scheduler.submit(question, (namespace, hint) if hint else None)
+    return question

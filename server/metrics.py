@@ -5,6 +5,8 @@ Each app owns its registry, so several apps can live in one process (the tests b
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -14,11 +16,29 @@ from prometheus_client import (
     generate_latest,
 )
 
+from server.question import Question
+from server.scheduler import Scheduler
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GROUP_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 GROUP_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class EngineCounters(Protocol):
+    """What the metrics read from the engine after a step (model.engine.GroupedEngine)."""
+
+    @property
+    def kv_cache_usage(self) -> float: ...
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Cumulative, since the engine was built."""
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Cumulative, since the engine was built."""
 
 
 class ServerMetrics:
@@ -75,13 +95,13 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def track_queue(self, scheduler) -> None:
+    def track_queue(self, scheduler: Scheduler) -> None:
         """The waiting / running gauges read the scheduler when scraped."""
         self.num_requests_waiting.set_function(lambda: scheduler.num_waiting)
         self.num_requests_running.set_function(
             lambda: scheduler.num_in_flight - scheduler.num_waiting)
 
-    def observe_engine(self, engine) -> None:
+    def observe_engine(self, engine: EngineCounters) -> None:
         """After an engine step (in the worker thread): pool usage and cache counters."""
         self.kv_cache_usage.set(engine.kv_cache_usage)
         queries, hits = engine.prefix_cache_queries, engine.prefix_cache_hits
@@ -89,27 +109,27 @@ class ServerMetrics:
         self.prefix_cache_hits.inc(hits - self._engine_counts[1])
         self._engine_counts = (queries, hits)
 
-    def observe_group(self, group: list, started_at: float) -> None:
+    def observe_group(self, group: list[Question], started_at: float) -> None:
         self.group_size.observe(len(group))
-        self.group_wait.observe(started_at - min(r.arrived_at for r in group))
-        for request in group:
-            self.queue_time.observe(started_at - request.arrived_at)
+        self.group_wait.observe(started_at - min(q.arrived_at for q in group))
+        for question in group:
+            self.queue_time.observe(started_at - question.arrived_at)
 
-    def observe_first_token(self, request) -> None:
-        self.time_to_first_token.observe(request.first_token_at - request.arrived_at)
+    def observe_first_token(self, question: Question) -> None:
+        self.time_to_first_token.observe(question.first_token_at - question.arrived_at)
 
-    def observe_finished(self, request) -> None:
-        self.request_success.labels(finish_reason=request.finish_reason).inc()
-        usage = request.usage
-        if request.scheduled_at is None or usage is None:  # never ran: nothing was computed
+    def observe_finished(self, question: Question) -> None:
+        self.request_success.labels(finish_reason=question.finish_reason).inc()
+        usage = question.usage
+        if question.scheduled_at is None or usage is None:  # never ran: nothing was computed
             return
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.prompt_tokens_computed.inc(usage.computed_prompt_tokens)
         self.generation_tokens.inc(usage.completion_tokens)
-        if request.finish_reason in ("stop", "length"):
-            self.e2e_latency.observe(request.finished_at - request.arrived_at)
-            if usage.completion_tokens > 1 and request.first_token_at is not None:
-                decode_time = request.finished_at - request.first_token_at
+        if question.finish_reason in ("stop", "length"):
+            self.e2e_latency.observe(question.finished_at - question.arrived_at)
+            if usage.completion_tokens > 1 and question.first_token_at is not None:
+                decode_time = question.finished_at - question.first_token_at
                 self.time_per_output_token.observe(decode_time / (usage.completion_tokens - 1))
 
     def count_http(self, route: str, status: int) -> None:

@@ -11,7 +11,10 @@ from typing import Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from model.request import TokenEvent
 from server.errors import ClientDisconnected, error_body
+from server.question import EngineFailure, Question, QuestionEvent
+from server.scheduler import Scheduler
 from server.streaming import (
     SSE_DONE,
     SSE_HEADERS,
@@ -21,20 +24,19 @@ from server.streaming import (
     release,
     sse_event,
 )
-from server.worker import EngineFailure, ServerRequest
 
 
 class Reply(Protocol):
     """The response shapes of one endpoint, fed the request's events in order."""
 
-    requests: list[ServerRequest]
+    questions: list[Question]  # the request's, in its order
 
     @property
     def is_done(self) -> bool:
         """Every question's final event has been read."""
 
-    def add(self, event) -> list[dict]:
-        """Takes in one TokenEvent; returns the stream chunks it makes (maybe none)."""
+    def add(self, event: TokenEvent) -> list[dict]:
+        """Takes in one event; returns the stream chunks it makes (maybe none)."""
 
     def opening(self) -> list[dict]:
         """Stream chunks sent before the first event's."""
@@ -46,10 +48,10 @@ class Reply(Protocol):
         """The non-streamed response body, once done."""
 
 
-async def respond(reply: Reply, events: asyncio.Queue, stream: bool, http_request: Request,
-                  scheduler):
+async def respond(reply: Reply, events: asyncio.Queue[QuestionEvent], stream: bool,
+                  http_request: Request, scheduler: Scheduler):
     """Waits for the first event before answering, so that a failure ahead of any output is an
-    HTTP error rather than a stream that breaks off. Unfinished requests are aborted as soon as
+    HTTP error rather than a stream that breaks off. Unfinished questions are aborted as soon as
     the client has gone, the handler fails, or the stream ends early."""
     watcher = DisconnectWatcher(http_request.receive)
     try:
@@ -59,14 +61,14 @@ async def respond(reply: Reply, events: asyncio.Queue, stream: bool, http_reques
         if not stream:
             return JSONResponse(await _collect(first, events, watcher, reply))
     except BaseException:
-        release(scheduler, reply.requests, watcher)
+        release(scheduler, reply.questions, watcher)
         raise
     chunks = _stream(first, events, watcher, reply, scheduler)
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _collect(item, events: asyncio.Queue, watcher: DisconnectWatcher,
-                   reply: Reply) -> dict:
+async def _collect(item: QuestionEvent, events: asyncio.Queue[QuestionEvent],
+                   watcher: DisconnectWatcher, reply: Reply) -> dict:
     while True:
         if isinstance(item, EngineFailure):
             raise engine_error(item)
@@ -77,8 +79,9 @@ async def _collect(item, events: asyncio.Queue, watcher: DisconnectWatcher,
         item = await next_item(events, watcher)
 
 
-async def _stream(item, events: asyncio.Queue, watcher: DisconnectWatcher, reply: Reply,
-                  scheduler) -> AsyncIterator[bytes]:
+async def _stream(item: QuestionEvent, events: asyncio.Queue[QuestionEvent],
+                  watcher: DisconnectWatcher, reply: Reply,
+                  scheduler: Scheduler) -> AsyncIterator[bytes]:
     try:
         for chunk in reply.opening():
             yield sse_event(chunk)
@@ -97,4 +100,4 @@ async def _stream(item, events: asyncio.Queue, watcher: DisconnectWatcher, reply
     except ClientDisconnected:
         return
     finally:
-        release(scheduler, reply.requests, watcher)
+        release(scheduler, reply.questions, watcher)

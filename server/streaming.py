@@ -8,7 +8,8 @@ import json
 from collections.abc import Awaitable, Callable
 
 from server.errors import APIError, ClientDisconnected
-from server.worker import EngineFailure
+from server.question import EngineFailure, Question, QuestionEvent
+from server.scheduler import Scheduler
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 SSE_DONE = b"data: [DONE]\n\n"
@@ -30,7 +31,8 @@ class DisconnectWatcher:
         self.task.cancel()
 
 
-async def next_item(events: asyncio.Queue, watcher: DisconnectWatcher):
+async def next_item(events: asyncio.Queue[QuestionEvent],
+                    watcher: DisconnectWatcher) -> QuestionEvent:
     """The next TokenEvent or EngineFailure; raises ClientDisconnected if the client left first."""
     if not events.empty():
         return events.get_nowait()
@@ -57,10 +59,10 @@ def sse_event(data: dict) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def release(scheduler, requests: list, watcher: DisconnectWatcher) -> None:
-    """The HTTP side is done with `requests`: unfinished ones (their client left, or the
+def release(scheduler: Scheduler, questions: list[Question], watcher: DisconnectWatcher) -> None:
+    """The HTTP side is done with `questions`: unfinished ones (their client left, or the
     handler failed) are aborted, so they leave their group without disturbing it."""
     watcher.close()
-    for request in requests:
-        if not request.is_finished:
-            scheduler.abort(request)
+    for question in questions:
+        if not question.is_finished:
+            scheduler.abort(question)

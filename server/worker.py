@@ -2,9 +2,9 @@
 
 The event loop hands it groups (`submit`); between any two steps the thread adds them to the
 engine, which admits them when the KV pool has room. Every step's token events go back to
-their requests' asyncio queues in one `loop.call_soon_threadsafe`. A member whose sampling or
+their questions' asyncio queues in one `loop.call_soon_threadsafe`. A member whose sampling or
 stop handling fails gets an `EngineFailure` and its batch-mates carry on; if a whole step
-raises, the requests in the engine fail, the engine starts afresh and the thread lives on.
+raises, the questions in the engine fail, the engine starts afresh and the thread lives on.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
-from model.engine import EngineInputError, GroupedEngine, Member, TokenEvent, Usage
+from model.request import EngineInputError, Member, TokenEvent, Usage
+from server.metrics import EngineCounters
+from server.question import EngineFailure, Question, QuestionEvent
 
 log = logging.getLogger("groupwise.server")
 _STOP = object()
@@ -25,55 +28,54 @@ _FAIL_ALL = object()
 SHUTDOWN_MESSAGE = "the server shut down before this answer was complete; retry"
 
 
-@dataclass(frozen=True)
-class EngineFailure:
-    """Delivered instead of a final TokenEvent when the engine could not serve a member."""
-
-    member: Member
-    message: str
-
-
-@dataclass(eq=False)
-class ServerRequest:
-    """One question on its way through the server: its engine member, where its events go,
-    and the timestamps the metrics are made of (time.monotonic seconds)."""
-
-    member: Member
-    events: asyncio.Queue  # TokenEvent | EngineFailure, in order; shared by a grouped request
-    index: int = 0  # the question's index within its HTTP request
-    arrived_at: float = field(default_factory=time.monotonic)
-    scheduled_at: float | None = None  # handed to the engine
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-    def __post_init__(self):
-        self.member.tag = self  # events name their member; the tag leads back here
+class Engine(EngineCounters, Protocol):
+    """What the worker thread asks of the engine (model.engine.GroupedEngine); the counters
+    go to the metrics after each step."""
 
     @property
-    def is_finished(self) -> bool:
-        return self.finished_at is not None
+    def has_work(self) -> bool: ...
+
+    def add(self, members: Sequence[Member], uses_trained_head: bool = True) -> None: ...
+
+    def step(self) -> list[TokenEvent]: ...
+
+    def reset(self) -> list[Member]:
+        """Forgets everything; returns the members it held, for the caller to fail."""
+
+    def abort_all(self) -> Iterable[TokenEvent]: ...
+
+
+class WorkerMetrics(Protocol):
+    def observe_engine(self, engine: EngineCounters) -> None: ...
+
+    def observe_first_token(self, question: Question) -> None: ...
+
+    def observe_finished(self, question: Question) -> None: ...
 
 
 class EngineWorker:
-    def __init__(self, engine: GroupedEngine, metrics, loop: asyncio.AbstractEventLoop):
-        self.engine = engine
+    def __init__(self, engine: Engine, metrics: WorkerMetrics, loop: asyncio.AbstractEventLoop):
+        self._engine = engine
         self._metrics = metrics
         self._loop = loop
+        # the engine's events name members; this leads them to their questions. Only the event
+        # loop touches it: filled on submit, emptied as questions finish.
+        self._questions: dict[Member, Question] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
-    def submit(self, group: list[ServerRequest], uses_trained_head: bool) -> None:
+    def submit(self, group: list[Question], uses_trained_head: bool) -> None:
         """Queues a group for the engine (from the event loop; never blocks)."""
-        self._inbox.put((group, uses_trained_head))
+        for question in group:
+            self._questions[question.member] = question
+        self._inbox.put(([q.member for q in group], uses_trained_head))
 
-    def fail_all(self, queued: list[ServerRequest]) -> None:
-        """A forced shutdown (on the event loop): the queued requests fail now, those in the
+    def fail_all(self, queued: list[Question]) -> None:
+        """A forced shutdown (on the event loop): the queued questions fail now, those in the
         engine at its next step."""
-        for request in queued:
-            self.deliver(EngineFailure(request.member, SHUTDOWN_MESSAGE))
+        for question in queued:
+            self._deliver_to(question, EngineFailure(question.member, SHUTDOWN_MESSAGE))
         self._inbox.put(_FAIL_ALL)
 
     def shutdown(self) -> None:
@@ -81,46 +83,46 @@ class EngineWorker:
         self._inbox.put(_STOP)
         self._thread.join()
 
-    def finish_unscheduled(self, request: ServerRequest) -> None:
-        """Ends a request that left the queue before it ran (on the event loop)."""
-        prompt_tokens = len(request.member.prompt_ids)
-        self.deliver(TokenEvent(request.member, None, "", "abort", Usage(prompt_tokens, 0, 0)))
+    def finish_unscheduled(self, question: Question) -> None:
+        """Ends a question that left the queue before it ran (on the event loop)."""
+        usage = Usage(len(question.member.prompt_ids), 0, 0)
+        self._deliver_to(question, TokenEvent(question.member, None, "", "abort", usage))
 
     # --- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            items = [self._inbox.get()] if not self.engine.has_work else []
+            items = [self._inbox.get()] if not self._engine.has_work else []
             with contextlib.suppress(queue.Empty):
                 while True:
                     items.append(self._inbox.get_nowait())
             for item in items:
                 if item is _STOP:
-                    self._post(list(self.engine.abort_all()))
+                    self._post(list(self._engine.abort_all()))
                     return
                 if item is _FAIL_ALL:
-                    self._post([EngineFailure(m, SHUTDOWN_MESSAGE) for m in self.engine.reset()])
+                    self._post([EngineFailure(m, SHUTDOWN_MESSAGE) for m in self._engine.reset()])
                     continue
                 self._add(*item)
             self._step()
 
-    def _add(self, group: list[ServerRequest], uses_trained_head: bool) -> None:
+    def _add(self, members: list[Member], uses_trained_head: bool) -> None:
         try:
-            self.engine.add([r.member for r in group], uses_trained_head)
+            self._engine.add(members, uses_trained_head)
         except EngineInputError as exc:  # the HTTP side checked it; a last line of defence
-            self._post([EngineFailure(r.member, str(exc)) for r in group])
+            self._post([EngineFailure(m, str(exc)) for m in members])
 
     def _step(self) -> None:
         try:
-            events = self.engine.step()
+            events = self._engine.step()
         except Exception as exc:  # noqa: BLE001 - a failed step fails what is in the engine
             log.exception("an engine step failed")
             message = f"the engine failed while generating: {type(exc).__name__}: {exc}"
-            events = [EngineFailure(m, message) for m in self.engine.reset()]
+            events = [EngineFailure(m, message) for m in self._engine.reset()]
         self._post(events)
-        self._metrics.observe_engine(self.engine)
+        self._metrics.observe_engine(self._engine)
 
-    def _post(self, items: list) -> None:
+    def _post(self, items: list[QuestionEvent]) -> None:
         if not items:
             return
         # RuntimeError: the event loop is closed, nobody is left to read the events
@@ -129,27 +131,28 @@ class EngineWorker:
 
     # --- back on the event loop --------------------------------------------------------------
 
-    def _deliver_all(self, items: list) -> None:
+    def _deliver_all(self, items: list[QuestionEvent]) -> None:
         for item in items:
-            self.deliver(item)
+            question = self._questions.get(item.member)
+            if question is not None:  # else it has finished: e.g. a failure after its end
+                self._deliver_to(question, item)
 
-    def deliver(self, item: TokenEvent | EngineFailure) -> None:
-        """Stamps the request, records metrics, queues the item."""
+    def _deliver_to(self, question: Question, item: QuestionEvent) -> None:
+        """Stamps the question, records metrics, queues the item; a final item finishes it."""
+        if question.is_finished:
+            return
         if isinstance(item, TokenEvent) and item.finish_reason == "error":
             item = EngineFailure(item.member, f"the engine failed on this request: {item.error}")
-        request: ServerRequest = item.member.tag
-        if request.is_finished:  # e.g. a failure reported after the member had ended
-            return
         now = time.monotonic()
         if isinstance(item, EngineFailure):
-            request.finished_at, request.finish_reason = now, "error"
+            question.finish(now, "error")
         else:
-            if item.token_id is not None and request.first_token_at is None:
-                request.first_token_at = now
-                self._metrics.observe_first_token(request)
+            if item.token_id is not None and question.first_token_at is None:
+                question.first_token_at = now
+                self._metrics.observe_first_token(question)
             if item.finish_reason is not None:
-                request.finished_at, request.finish_reason = now, item.finish_reason
-                request.usage = item.usage
-        if request.is_finished:
-            self._metrics.observe_finished(request)
-        request.events.put_nowait(item)
+                question.finish(now, item.finish_reason, item.usage)
+        if question.is_finished:
+            self._questions.pop(question.member, None)
+            self._metrics.observe_finished(question)
+        question.events.put_nowait(item)

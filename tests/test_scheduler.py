@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from model.request import Status
+from model.request import Member, Status
+from server.question import Question, QuestionStatus
 from server.scheduler import GroupingPolicy, GroupQueue, QueueFullError, Scheduler
 
 
@@ -94,41 +95,27 @@ def test_take_all_empties_the_queue():
 
 # --- the async loop, with a fake worker --------------------------------------------------------
 
-@dataclass(eq=False)
-class FakeMember:
-    prompt_ids: list
-    aborted: bool = False
-    status: Status = Status.WAITING
-
-    def abort(self):
-        self.aborted = True
-
-
-@dataclass(eq=False)
-class FakeRequest:
-    member: FakeMember
-    arrived_at: float = 0.0
-    scheduled_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def is_finished(self) -> bool:
-        return self.finished_at is not None
-
-
 @dataclass
 class FakeWorker:
+    """server.scheduler.Worker without an engine: it records what it is handed."""
+
     groups: list = field(default_factory=list)  # (group, uses_trained_head) handed over
     unscheduled: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
 
-    def submit(self, group, uses_trained_head):
+    def submit(self, group: list[Question], uses_trained_head: bool) -> None:
         self.groups.append((group, uses_trained_head))
 
-    def finish_unscheduled(self, request):
-        self.unscheduled.append(request)
-        request.finished_at = time.monotonic()
+    def finish_unscheduled(self, question: Question) -> None:
+        self.unscheduled.append(question)
+        question.finish(time.monotonic(), "abort")
 
-    def shutdown(self):
+    def fail_all(self, queued: list[Question]) -> None:
+        self.failed += queued
+        for question in queued:
+            question.finish(time.monotonic(), "error")
+
+    def shutdown(self) -> None:
         pass
 
     @property
@@ -137,10 +124,12 @@ class FakeWorker:
 
 
 class FakeMetrics:
+    """server.scheduler.SchedulerMetrics: the sizes of the groups handed over."""
+
     def __init__(self):
         self.groups = []
 
-    def observe_group(self, group, started_at):
+    def observe_group(self, group: list[Question], started_at: float) -> None:
         self.groups.append(len(group))
 
 
@@ -154,8 +143,8 @@ def make_scheduler(worker, max_queue=10, trained_head_for_all=False,
     return scheduler, metrics
 
 
-def request(*ids) -> FakeRequest:
-    return FakeRequest(FakeMember(list(ids)), arrived_at=time.monotonic())
+def question(*ids) -> Question:
+    return Question(Member(list(ids)), asyncio.Queue())
 
 
 async def wait_until(condition, timeout=5.0):
@@ -170,16 +159,17 @@ def test_hinted_requests_form_one_group_and_others_go_at_once_alone():
         worker = FakeWorker()
         scheduler, metrics = make_scheduler(worker, max_wait_s=60.0)
         scheduler.start()
-        alone = request(4)
+        alone = question(4)
         scheduler.submit(alone, key=None)
         assert worker.groups == [([alone], False)]  # no wait, and not the trained head
-        grouped = [request(1), request(2), request(3), request(5)]
+        grouped = [question(1), question(2), question(3), question(5)]
         for item in grouped:
             scheduler.submit(item, key="g")
         await wait_until(lambda: len(worker.groups) == 2)  # full at max_group_size
         assert worker.groups[1] == (grouped, True)
         assert sorted(metrics.groups) == [1, 4]
         assert all(item.scheduled_at is not None for item in [*grouped, alone])
+        assert all(item.status is QuestionStatus.IN_ENGINE for item in [*grouped, alone])
         await scheduler.stop()
 
     asyncio.run(scenario())
@@ -190,7 +180,7 @@ def test_trained_head_for_all_serves_lone_requests_too():
         worker = FakeWorker()
         scheduler, _ = make_scheduler(worker, trained_head_for_all=True)
         scheduler.start()
-        scheduler.submit(request(1), key=None)
+        scheduler.submit(question(1), key=None)
         assert worker.groups[0][1] is True
         await scheduler.stop()
 
@@ -202,16 +192,17 @@ def test_full_queue_refuses_and_aborts_free_room():
         worker = FakeWorker()
         scheduler, _ = make_scheduler(worker, max_queue=2, max_wait_s=60.0)
         scheduler.start()
-        first, second = request(1), request(2)
+        first, second = question(1), question(2)
         scheduler.submit(first, key="g")
         scheduler.submit(second, key="g")
         with pytest.raises(QueueFullError, match="2 questions waiting"):
-            scheduler.submit(request(3), key="g")
+            scheduler.submit(question(3), key="g")
         with pytest.raises(QueueFullError):
-            scheduler.submit_group([request(4)])
+            scheduler.submit_group([question(4)])
         scheduler.abort(first)  # still waiting: it leaves the queue, no engine abort needed
-        assert worker.unscheduled == [first] and not first.member.aborted
-        scheduler.submit(request(5), key="g")
+        assert worker.unscheduled == [first] and not first.member.is_aborted
+        assert second.status is QuestionStatus.QUEUED
+        scheduler.submit(question(5), key="g")
         assert scheduler.num_in_flight == 2
         await scheduler.stop()
         assert len(worker.unscheduled) == 3  # stop() ends what still waits
@@ -224,14 +215,14 @@ def test_requests_waiting_in_the_engine_count_against_the_queue():
         worker = FakeWorker()
         scheduler, _ = make_scheduler(worker, max_queue=2)
         scheduler.start()
-        admitted, waiting = request(1), request(2)
+        admitted, waiting = question(1), question(2)
         scheduler.submit(admitted, key=None)
         scheduler.submit(waiting, key=None)
         admitted.member.status = Status.DECODE  # the engine found room for one of them
         assert scheduler.num_waiting == 1 and scheduler.num_in_flight == 2
-        scheduler.submit(request(3), key=None)
+        scheduler.submit(question(3), key=None)
         with pytest.raises(QueueFullError):
-            scheduler.submit(request(4), key=None)
+            scheduler.submit(question(4), key=None)
         await scheduler.stop()
 
     asyncio.run(scenario())
@@ -242,12 +233,13 @@ def test_abort_of_a_request_in_the_engine_reaches_its_member():
         worker = FakeWorker()
         scheduler, _ = make_scheduler(worker)
         scheduler.start()
-        running = request(1)
+        running = question(1)
         scheduler.submit(running, key=None)
         assert scheduler.num_in_flight == 1
         scheduler.abort(running)
-        assert running.member.aborted and worker.unscheduled == []
-        running.finished_at = time.monotonic()  # the engine ended it
+        assert running.member.is_aborted and worker.unscheduled == []
+        assert running.status is QuestionStatus.IN_ENGINE  # until the engine reports its end
+        running.finish(time.monotonic(), "abort")  # the worker delivered its final event
         assert scheduler.num_in_flight == 0
         await scheduler.stop()
 
@@ -268,12 +260,28 @@ def test_drain_runs_waiting_groups_at_once():
         worker = FakeWorker()
         scheduler, _ = make_scheduler(worker, max_wait_s=60.0)
         scheduler.start()
-        waiting = request(1)
+        waiting = question(1)
         scheduler.submit(waiting, key="g")
         await asyncio.sleep(0.02)
         assert worker.groups == []
         scheduler.drain_soon()
         await wait_until(lambda: worker.handed == [[waiting]])
+        await scheduler.stop()
+
+    asyncio.run(scenario())
+
+
+def test_fail_all_hands_the_queued_questions_to_the_worker():
+    async def scenario():
+        worker = FakeWorker()
+        scheduler, _ = make_scheduler(worker, max_wait_s=60.0)
+        scheduler.start()
+        waiting, running = question(1), question(2)
+        scheduler.submit(waiting, key="g")
+        scheduler.submit(running, key=None)
+        scheduler.fail_all_soon()
+        await wait_until(lambda: worker.failed == [waiting])
+        assert scheduler.num_in_flight == 1  # the worker fails the running one at its next step
         await scheduler.stop()
 
     asyncio.run(scenario())
