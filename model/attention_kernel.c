@@ -15,54 +15,126 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 8 /* one AVX2 register of floats; the compiler vectorizes the fixed-lane loops */
+#define LANES 8 /* one AVX2 register of floats */
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float lanes[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES)
-        for (int l = 0; l < LANES; ++l) lanes[l] += a[d + l] * b[d + l];
-    float sum = 0.0f;
-    for (int l = 0; l < LANES; ++l) sum += lanes[l];
-    for (; d < n; ++d) sum += a[d] * b[d];
-    return sum;
+/* Multiply-adds are explicit (fmaf, _mm256_fmadd_ps) and the library is built with
+   -ffp-contract=off, so the compiler never decides on its own where to fuse: a vectorized loop
+   and its scalar remainder round the same way, and every token goes through exactly the same
+   arithmetic. head_dim is a multiple of 8 (the caller checks). */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* scores[i] = scale * (q . key of slots[i]), four keys at a time: four independent chains of
+   FMAs run side by side, and one horizontal reduction serves all four. A last group of fewer
+   than four repeats its last key, so every score is computed by the same instructions. */
+static void key_scores(const float *q, const float *keys, const int64_t *slots, int64_t length,
+                       int64_t head_dim, float scale, float *scores) {
+    for (int64_t i = 0; i < length; i += 4) {
+        const float *key[4];
+        for (int r = 0; r < 4; ++r)
+            key[r] = keys + slots[i + r < length ? i + r : length - 1] * head_dim;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
+        for (int64_t d = 0; d < head_dim; d += LANES) {
+            const __m256 x = _mm256_loadu_ps(q + d);
+            for (int r = 0; r < 4; ++r)
+                acc[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key[r] + d), acc[r]);
+        }
+        /* each score: ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) of its lanes */
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
+                                            _mm256_hadd_ps(acc[2], acc[3]));
+        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs),
+                                       _mm256_extractf128_ps(pairs, 1));
+        float four[4];
+        _mm_storeu_ps(four, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+        for (int r = 0; r < 4 && i + r < length; ++r) scores[i + r] = four[r];
+    }
 }
 
-/* One (token, kv head): its per_kv query heads over the token's keys. scores: per_kv * length. */
-static void attend_one(const float *q, const float *keys, const float *values, float *out,
-                       const int64_t *starts, const int64_t *lengths, int64_t num_extents,
-                       int64_t length, int64_t per_kv, int64_t head_dim, float scale,
-                       float *scores) {
-    int64_t j = 0;
-    for (int64_t e = 0; e < num_extents; ++e)
-        for (int64_t s = starts[e]; s < starts[e] + lengths[e]; ++s, ++j) {
-            const float *key = keys + s * head_dim;
-            for (int64_t g = 0; g < per_kv; ++g)
-                scores[g * length + j] = dot(q + g * head_dim, key, head_dim) * scale;
+/* out[0:head_dim] = sum over i, in order, of p[i] * value of slots[i]: columns [d, d + 64) in
+   eight registers (eight independent chains keep both FMA units busy), then 8 at a time */
+static void weighted_values(float *out, const float *p, const float *values,
+                            const int64_t *slots, int64_t length, int64_t head_dim) {
+    int64_t d = 0;
+    for (; d + 8 * LANES <= head_dim; d += 8 * LANES) {
+        __m256 acc[8];
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < length; ++i) {
+            const float *value = values + slots[i] * head_dim + d;
+            const __m256 weight = _mm256_set1_ps(p[i]);
+            for (int r = 0; r < 8; ++r)
+                acc[r] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + r * LANES), acc[r]);
         }
-    memset(out, 0, sizeof(float) * per_kv * head_dim);
+        for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + d + r * LANES, acc[r]);
+    }
+    for (; d < head_dim; d += LANES) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < length; ++i)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]),
+                                  _mm256_loadu_ps(values + slots[i] * head_dim + d), acc);
+        _mm256_storeu_ps(out + d, acc);
+    }
+}
+#else
+static void key_scores(const float *q, const float *keys, const int64_t *slots, int64_t length,
+                       int64_t head_dim, float scale, float *scores) {
+    for (int64_t i = 0; i < length; ++i) {
+        const float *key = keys + slots[i] * head_dim;
+        float lanes[LANES] = {0};
+        for (int64_t d = 0; d < head_dim; d += LANES)
+            for (int l = 0; l < LANES; ++l) lanes[l] = fmaf(q[d + l], key[d + l], lanes[l]);
+        scores[i] = scale * (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                             ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+    }
+}
+
+static void weighted_values(float *out, const float *p, const float *values,
+                            const int64_t *slots, int64_t length, int64_t head_dim) {
+    memset(out, 0, sizeof(float) * head_dim);
+    for (int64_t i = 0; i < length; ++i)
+        for (int64_t d = 0; d < head_dim; ++d)
+            out[d] = fmaf(p[i], values[slots[i] * head_dim + d], out[d]);
+}
+#endif
+
+/* e^x for x <= 0, elementwise so that it vectorizes (libm's expf does not, without fast-math):
+   x = n ln2 + r, e^x = 2^n e^r, e^r by Cephes' expf polynomial (about 1 ulp). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x; /* e^-87 ~ 1.6e-38: keeps 2^n a normal float */
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+/* One (token, kv head): its per_kv query heads over the keys of `slots` (length of them, in the
+   token's sequence order). scores: per_kv * length floats of scratch. */
+static void attend_one(const float *q, const float *keys, const float *values, float *out,
+                       const int64_t *slots, int64_t length, int64_t per_kv, int64_t head_dim,
+                       float scale, float *scores) {
     for (int64_t g = 0; g < per_kv; ++g) {
         float *row = scores + g * length;
+        key_scores(q + g * head_dim, keys, slots, length, head_dim, scale, row);
         float top = row[0];
         for (int64_t i = 1; i < length; ++i) top = row[i] > top ? row[i] : top;
-        float total = 0.0f;
-        for (int64_t i = 0; i < length; ++i) {
-            row[i] = expf(row[i] - top);
-            total += row[i];
-        }
+        for (int64_t i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - top);
+        float lanes[LANES] = {0}; /* lane i % 8: the same association for every token */
+        for (int64_t i = 0; i < length; ++i) lanes[i % LANES] += row[i];
+        const float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                            ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
         const float inverse = 1.0f / total;
         for (int64_t i = 0; i < length; ++i) row[i] *= inverse;
+        weighted_values(out + g * head_dim, row, values, slots, length, head_dim);
     }
-    j = 0;
-    for (int64_t e = 0; e < num_extents; ++e)
-        for (int64_t s = starts[e]; s < starts[e] + lengths[e]; ++s, ++j) {
-            const float *value = values + s * head_dim;
-            for (int64_t g = 0; g < per_kv; ++g) {
-                const float p = scores[g * length + j];
-                float *o = out + g * head_dim;
-                for (int64_t d = 0; d < head_dim; ++d) o[d] += p * value[d];
-            }
-        }
 }
 
 /* Returns 0, or 1 when scratch memory could not be allocated. */
@@ -81,16 +153,20 @@ int attend_tokens(const float *q, const float *keys, const float *values, float 
         const int64_t first = token_extents[t], count = token_extents[t + 1] - first;
         int64_t length = 0;
         for (int64_t e = 0; e < count; ++e) length += extent_lengths[first + e];
-        float *scores = malloc(sizeof(float) * (size_t)(per_kv * (length > 0 ? length : 1)));
-        if (scores == NULL) {
+        int64_t *slots = malloc((sizeof(int64_t) + sizeof(float) * per_kv) * (size_t)length);
+        if (slots == NULL) {
             failed = 1;
             continue;
         }
+        int64_t j = 0;
+        for (int64_t e = first; e < first + count; ++e)
+            for (int64_t s = extent_starts[e]; s < extent_starts[e] + extent_lengths[e]; ++s)
+                slots[j++] = s;
         attend_one(q + (t * num_heads + h * per_kv) * head_dim,
                    keys + h * num_slots * head_dim, values + h * num_slots * head_dim,
-                   out + (t * num_heads + h * per_kv) * head_dim, extent_starts + first,
-                   extent_lengths + first, count, length, per_kv, head_dim, scale, scores);
-        free(scores);
+                   out + (t * num_heads + h * per_kv) * head_dim, slots, length, per_kv,
+                   head_dim, scale, (float *)(slots + length));
+        free(slots);
     }
     return failed;
 }
