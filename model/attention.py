@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import attention_kernel
+from model import kernels
 
 Extent = tuple[int, int]  # (first pool slot, number of slots)
 
@@ -101,13 +101,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            plan: AttentionPlan) -> torch.Tensor:
     """q: [T, Hq, D] (rotated) for the step's tokens, whose keys and values are already in the
     pool; keys / values: [Hkv, slots, D] of one layer. Returns [T, Hq, D]."""
-    if uses_kernel(q):
-        return attention_kernel.attend_tokens(q, keys, values, *plan.token_extents, plan.scale)
+    if kernels.usable_for(q, q.shape[-1]):
+        return kernels.attend_tokens(q, keys, values, *plan.token_extents, plan.scale)
     return _attend_with_torch(q, keys, values, plan)
-
-
-def uses_kernel(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.float32 and attention_kernel.available()
 
 
 def _attend_with_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

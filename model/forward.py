@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model import kernels
 from model.attention import AttentionPlan, attend
 from model.kv_pool import PoolShape
-from model.quantized import project
+from model.quantized import project, project_joined
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -65,23 +66,52 @@ class DecoderForward:
         states of the tokens in `step.output_index`, [N, d]."""
         x = self.embed(step.token_ids)  # [T, d]
         cos, sin = self.rotary(x, step.positions[None])  # [1, T, D] each
-        cos, sin = cos[0, :, None], sin[0, :, None]
-        num_tokens = x.shape[0]
+        cos, sin = cos[0], sin[0]
+        # on a CPU in fp32, the C kernels: one call each for a norm, for rotating and storing
+        # keys and values, and for attention (the torch ops they replace cost more in calls
+        # than in arithmetic)
+        fast = kernels.usable_for(x, self.head_dim)
+        norm = _kernel_norm if fast else _module_norm
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
-            q, k, v = project([attention.q_proj, attention.k_proj, attention.v_proj],
-                              layer.input_layernorm(x))
-            q = _rotate(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-            k = _rotate(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
-            keys.index_copy_(1, step.slots, k.transpose(0, 1))
-            values.index_copy_(1, step.slots, v.transpose(0, 1))
+            qkv = project_joined([attention.q_proj, attention.k_proj, attention.v_proj],
+                                 norm(layer.input_layernorm, x))
+            if fast:
+                q = kernels.rotate_and_store(qkv, cos, sin, keys, values, step.slots,
+                                             self.num_heads, self.head_dim)
+            else:
+                q = self._rotate_and_store(qkv, cos, sin, keys, values, step.slots)
             out = attend(q, keys, values, step.plan)
-            x = x + attention.o_proj(out.reshape(num_tokens, -1))
-            gate, up = project([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm(x))
+            x = x + attention.o_proj(out.reshape(x.shape[0], -1))
+            normed = norm(layer.post_attention_layernorm, x)
+            gate, up = project([mlp.gate_proj, mlp.up_proj], normed)
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.norm(x[step.output_index])
+        return norm(self.norm, x[step.output_index])
+
+    def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          keys: torch.Tensor, values: torch.Tensor,
+                          slots: torch.Tensor) -> torch.Tensor:
+        """`kernels.rotate_and_store` in torch ops."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.num_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        cos, sin = cos[:, None], sin[:, None]
+        q = _rotate(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = _rotate(k.reshape(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        keys.index_copy_(1, slots, k.transpose(0, 1))
+        values.index_copy_(1, slots, v.reshape(num_tokens, self.num_kv_heads,
+                                               self.head_dim).transpose(0, 1))
+        return q
+
+
+def _module_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return norm(x)
+
+
+def _kernel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 GROUP_SIZE = 32  # weights per Q4_1 block, and per int4pack scale group
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit values each
 WEIGHT_FORMATS = ("fp32", "bf16", "int4")
+AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see model.loading.resolve_weights
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
 GGUF_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -143,6 +144,16 @@ def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
     use_bf16_head(model)
 
 
+def has_q4_1_linears(gguf_path: str | Path) -> bool:
+    """Whether every linear of the GGUF's decoder layers is Q4_1 (what int4 is built from)."""
+    from gguf import GGUFReader
+
+    kinds = [t.tensor_type.name for t in GGUFReader(str(gguf_path)).tensors
+             if t.name.startswith("blk.") and t.name.endswith(".weight")
+             and t.name.split(".")[2] in GGUF_LINEARS]
+    return bool(kinds) and all(kind == "Q4_1" for kind in kinds)
+
+
 def use_int4_quantized(model: nn.Module) -> None:
     """Every linear of the decoder layers quantized to Q4_1 here, then int4 (for a model that
     comes without a GGUF); the LM head in bf16."""
@@ -177,6 +188,17 @@ class OutputSlice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)[..., self.start : self.end]
+
+
+def project_joined(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The modules' outputs side by side [..., sum of widths]: one fused projection's output as
+    it is, separate modules' outputs concatenated."""
+    fused = getattr(modules[0], "fused", None)
+    whole = (fused is not None and all(getattr(m, "fused", None) is fused for m in modules)
+             and modules[0].start == 0 and modules[-1].end == fused.out_features)
+    if whole:
+        return fused(x)
+    return torch.cat([module(x) for module in modules], dim=-1)
 
 
 def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:

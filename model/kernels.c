@@ -1,4 +1,8 @@
-/* Attention of each query token over its own list of key extents in the KV pool (fp32).
+/* The CPU kernels of one decoder step (fp32): attention over the KV pool, RMS norm, and rotary
+ * embedding fused with writing keys and values to the pool. Each replaces a handful of torch
+ * calls whose per-call cost, not their arithmetic, dominated a decode step.
+ *
+ * attend_tokens: attention of each query token over its own list of key extents in the pool.
  *
  * Token t attends the pool slots of extents [token_extents[t], token_extents[t + 1]), read in
  * order: that order is the token's sequence order. Every token is computed on its own, in one
@@ -169,4 +173,52 @@ int attend_tokens(const float *q, const float *keys, const float *values, float 
         free(slots);
     }
     return failed;
+}
+
+/* out[t] = weight * (x[t] / sqrt(mean(x[t]^2) + eps)), as transformers' LlamaRMSNorm. */
+void rms_norm(const float *x, const float *weight, float *out, int64_t num_tokens, int64_t dim,
+              float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tokens >= 64)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const float *row = x + t * dim;
+        float lanes[LANES] = {0}; /* lane i % 8, as every other reduction here */
+        for (int64_t i = 0; i < dim; ++i) lanes[i % LANES] = fmaf(row[i], row[i], lanes[i % LANES]);
+        const float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                            ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+        const float inverse = 1.0f / sqrtf(total / (float)dim + eps);
+        for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = weight[i] * (row[i] * inverse);
+    }
+}
+
+/* Rotate-half rotary embedding of one head, as transformers' apply_rotary_pos_emb:
+   out = x * cos + cat(-x[half:], x[:half]) * sin, each product rounded on its own. */
+static inline void rotate(const float *x, const float *cos, const float *sin, float *out,
+                          int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+        out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+}
+
+/* For each token t: q_out[t] = its rotated query heads; its rotated key heads and its value
+   heads go to pool slot slots[t] of keys / values [kv_heads, num_slots, head_dim]. q, k and v
+   are rows of `stride` floats (they may be column ranges of one fused projection). */
+void rotate_and_store(const float *q, const float *k, const float *v, int64_t stride,
+                      const float *cos, const float *sin, float *q_out, float *keys,
+                      float *values, const int64_t *slots, int64_t num_tokens, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t num_slots, int64_t head_dim,
+                      int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tokens >= 64)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const float *c = cos + t * head_dim, *s = sin + t * head_dim;
+        for (int64_t h = 0; h < num_heads; ++h)
+            rotate(q + t * stride + h * head_dim, c, s,
+                   q_out + (t * num_heads + h) * head_dim, head_dim);
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            const int64_t slot = (h * num_slots + slots[t]) * head_dim;
+            rotate(k + t * stride + h * head_dim, c, s, keys + slot, head_dim);
+            memcpy(values + slot, v + t * stride + h * head_dim, sizeof(float) * head_dim);
+        }
+    }
 }

@@ -1,0 +1,40 @@
+"""The CPU kernels of a decoder step against the torch ops they replace."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from model import kernels
+from model.forward import DecoderForward
+from model.tiny import build_tiny_model
+
+
+def test_the_kernels_build_here():
+    """The suite runs where a C compiler is (CI too): the kernels are the CPU path under test."""
+    assert kernels.available()
+
+
+def test_rms_norm_matches_transformers():
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    norm.weight.data = torch.randn(48)
+    x = torch.randn(70, 48)  # more than 64 tokens: the threaded path too
+    assert torch.allclose(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x),
+                          atol=1e-6, rtol=1e-5)
+
+
+def test_rotate_and_store_matches_the_torch_ops():
+    forward = DecoderForward(build_tiny_model().model)
+    heads, kv_heads, dim = forward.num_heads, forward.num_kv_heads, forward.head_dim
+    tokens, slots = 5, torch.tensor([7, 3, 11, 0, 9])
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    positions = torch.arange(tokens) + 20
+    cos, sin = forward.rotary(qkv, positions[None])
+    pools = [torch.zeros(kv_heads, 12, dim) for _ in range(4)]
+    q_kernel = kernels.rotate_and_store(qkv, cos[0], sin[0], pools[0], pools[1], slots, heads,
+                                        dim)
+    q_torch = forward._rotate_and_store(qkv, cos[0], sin[0], pools[2], pools[3], slots)
+    # the same products and sums, each rounded on its own: equal to the bit
+    assert torch.equal(q_kernel, q_torch)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    assert pools[0][:, slots].abs().sum() > 0 and pools[0][:, 1].abs().sum() == 0
