@@ -40,6 +40,7 @@ COLUMNS = [
     ("F1", "f1", "{:.3f}"),
     ("lenient", "lenient", "{:.3f}"),
     ("tags", "tag_rate", "{:.3f}"),
+    ("same as first G", "same_as_first", "{:.1%}"),
 ]
 
 
@@ -108,6 +109,17 @@ def run_group_size(
     }
 
 
+def compare_with_first(results: list[dict]) -> None:
+    """Adds to each row the share of its answers equal to the first group size's answers, and
+    the ids of those that differ: grouping should change what a question costs, not what it
+    answers (exactly so with CSA off)."""
+    first = results[0]["answers"]
+    for result in results:
+        differing = sorted(i for i, text in result["answers"].items() if text != first[i])
+        result["same_as_first"] = 1 - len(differing) / len(first)
+        result["differing_from_first"] = differing
+
+
 def format_table(results: list[dict]) -> str:
     rows = [[title for title, _, _ in COLUMNS]]
     rows += [[fmt.format(r[key]) for _, key, fmt in COLUMNS] for r in results]
@@ -147,12 +159,17 @@ def main(argv: list[str] | None = None) -> dict:
                        keep_cache=args.prefix_cache == "on")
         for size in (int(s) for s in args.group_sizes.split(","))
     ]
+    compare_with_first(results)
     report = {"model": loaded.name, "weights": loaded.weights, "csa": csa_label,
               "contexts": args.contexts, "batch_groups": args.batch_groups,
               "prefix_cache": args.prefix_cache, "results": results}
     print(f"model {loaded.name}, {loaded.weights} weights, CSA {csa_label}, "
           f"{args.contexts} contexts")
     print(format_table(results))
+    for result in results[1:]:
+        if result["differing_from_first"]:
+            print(f"G={result['group_size']} answers that differ from the first group size's: "
+                  + ", ".join(result["differing_from_first"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

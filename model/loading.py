@@ -18,8 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from model.quantized import (
+    AUTO_WEIGHTS,
     WEIGHT_FORMATS,
     WeightFormatError,
+    has_q4_1_linears,
     use_bf16_linears,
     use_int4_from_gguf,
     use_int4_quantized,
@@ -133,12 +135,16 @@ def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
                     gguf: Path | None) -> str:
     """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA). bf16 and int4 are CPU
     formats (torch's fast kernels for them are the CPU ones); int4 comes from a GGUF's own Q4_1
-    blocks when the model is one. They are faster, but their bf16 activations round away the
-    last bits in which a batched and an unbatched computation differ, so grouping can change
-    an answer (README, Weight formats); fp32 is the default for that reason."""
+    blocks when the model is one, else from quantizing the loaded weights. auto: int4 for a
+    GGUF of Q4_1 linears on a CPU (the embedded model: no quantization beyond the file's own,
+    and grouping still never changes an answer, since attention computes each token alone),
+    otherwise the weights as loaded."""
+    if weights == AUTO_WEIGHTS:
+        fast = device.type == "cpu" and dtype == torch.float32
+        return "int4" if fast and gguf is not None and has_q4_1_linears(gguf) else "fp32"
     if weights not in WEIGHT_FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}: use "
-                             f"{', '.join(WEIGHT_FORMATS)}")
+                             f"{', '.join((AUTO_WEIGHTS, *WEIGHT_FORMATS))}")
     if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
         raise ModelLoadError(f"--weights {weights} needs --device cpu and float32 (the rest of "
                              "the step runs in float32)")

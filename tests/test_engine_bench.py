@@ -22,6 +22,8 @@ def test_bench_reports_consistent_rows(tmp_path, capsys):
     assert rows[1]["prompt_tokens_computed"] == rows[1]["prompt_tokens_billed"]
     # the untrained CSA is the identity: grouping changes the cost, never the answers
     assert rows[1]["answers"] == rows[2]["answers"] == rows[5]["answers"]
+    assert all(row["same_as_first"] == 1 and not row["differing_from_first"]
+               for row in rows.values())
     table = capsys.readouterr().out
     assert "| G |" in table and f"{rows[5]['prompt_tokens_computed']:,}" in table
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from model.engine import GroupedEngine, Member
-from model.loading import embedded_gguf_path, load_model
+from model.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
 from model.prompts import encode_chat, question_messages
 from model.quantized import (
     Int4Linear,
     OutputSlice,
+    has_q4_1_linears,
     quantize_q4_1,
     unpack_q4_1,
     unpermute_rows,
@@ -107,3 +108,30 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
         scale = dense.abs().amax()
         assert (weights - dense).abs().max() < 0.01 * scale
     assert embedded_gguf_path().is_file()
+
+
+def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    gguf = embedded_gguf_path()
+    assert resolve_weights("auto", cpu, torch.float32, gguf) == "int4"
+    assert resolve_weights("auto", cpu, torch.float32, None) == "fp32"  # a HF model, as loaded
+    assert resolve_weights("auto", cuda, torch.bfloat16, gguf) == "fp32"
+    assert resolve_weights("auto", cpu, torch.bfloat16, gguf) == "fp32"
+    assert resolve_weights("int4", cpu, torch.float32, None) == "int4"  # asked for explicitly
+    with pytest.raises(ModelLoadError, match="auto, fp32, bf16, int4"):
+        resolve_weights("int3", cpu, torch.float32, gguf)
+
+
+def test_auto_keeps_the_weights_of_a_gguf_whose_linears_are_not_q4_1(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "f32.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert not has_q4_1_linears(path)
+    assert has_q4_1_linears(embedded_gguf_path())
+    assert resolve_weights("auto", torch.device("cpu"), torch.float32, path) == "fp32"
