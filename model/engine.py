@@ -50,20 +50,6 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ids [B, L], mask [B, L] (1 = real token), L = longest sequence."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, width - len(seq) :] = torch.tensor(seq)
-            mask[i, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 class GroupedEngine:
     """Not thread-safe: one thread calls `add` and `step`; `Member.abort` is safe from any."""
 
@@ -318,21 +304,18 @@ class GroupedEngine:
         return events
 
     def _logits(self, rows: list[Row], hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head; for rows of groups that chose grouped QA, CSA and the adapter first."""
-        if self.csa is None:
-            return self.lm_head(hidden)
+        """The LM head; for rows of groups that chose grouped QA, the group head's logits."""
         trained = [i for i, r in enumerate(rows) if r.group.uses_trained_head]
-        if not trained:
+        if self.csa is None or not trained:
             return self.lm_head(hidden)
         index = torch.tensor(trained, device=hidden.device)
         group_ids = torch.tensor([rows[i].group.serial for i in trained], device=hidden.device)
-        active = torch.ones(len(trained), dtype=torch.bool, device=hidden.device)
-        mixed = self.csa(hidden[index], group_ids, active)
-        hidden = hidden.index_copy(0, index, mixed)
-        logits = self.lm_head(hidden)
-        delta = self.csa.head_delta(mixed)
-        if delta is not None:
-            logits[index] += delta
+        grouped = self.csa.logits(hidden[index], group_ids, self.lm_head)
+        if len(trained) == len(rows):
+            return grouped
+        others = torch.tensor(sorted(set(range(len(rows))) - set(trained)), device=hidden.device)
+        logits = grouped.new_empty(len(rows), grouped.shape[1])
+        logits[index], logits[others] = grouped, self.lm_head(hidden[others])
         return logits
 
     def _advance(self, row: Row, token: int) -> TokenEvent:

@@ -159,6 +159,14 @@ class GroupHead(nn.Module):
         )
         return h + gate * a
 
+    def logits(self, h: torch.Tensor, group_ids: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """What serving samples from and training fits: CSA over each group's rows (all
+        active), the frozen LM head, then the adapter's delta. h [B, d] -> [B, vocab]."""
+        mixed = self(h, group_ids, torch.ones_like(group_ids, dtype=torch.bool))
+        logits = lm_head(mixed)
+        delta = self.head_delta(mixed)
+        return logits if delta is None else logits + delta
+
     def head_delta(self, h: torch.Tensor) -> torch.Tensor | None:
         """Low-rank logits correction [B, vocab], or None without an adapter."""
         if self.adapter_down is None:

@@ -244,6 +244,31 @@ def test_trained_csa_keeps_groups_apart(tiny):
     assert any(plain[m]["ids"] != apart[m]["ids"] for m in group_a), "CSA must act in a group"
 
 
+def test_a_step_mixing_grouped_and_plain_rows_gives_each_its_own_head(tiny):
+    """Rows of a group that chose grouped QA get the trained head, rows beside them in the
+    same steps the bare LM head: each answers as it would with only its own kind running."""
+    torch.manual_seed(4)
+    csa = GroupHead(GroupHeadConfig(hidden_size=tiny.model.config.hidden_size, num_heads=4,
+                                    adapter_rank=4, vocab_size=tiny.model.config.vocab_size))
+    torch.nn.init.normal_(csa.o_proj.weight, std=2.0)
+    torch.nn.init.normal_(csa.adapter_up.weight, std=2.0)
+    grouped, plain = make_groups(tiny, [3, 2], max_tokens=8)
+    engine = GroupedEngine(tiny.model, tiny.tokenizer, csa)
+    engine.add(grouped, uses_trained_head=True)
+    engine.add(plain, uses_trained_head=False)
+    mixed: dict = {m: [] for m in grouped + plain}
+    while engine.has_work:
+        for event in engine.step():
+            if event.token_id is not None:
+                mixed[event.member].append(event.token_id)
+    with_head = run(engine, [[Member(m.prompt_ids, m.params) for m in grouped]])
+    without = run(GroupedEngine(tiny.model, tiny.tokenizer), [plain])
+    assert [mixed[m] for m in grouped] == [r["ids"] for r in with_head.values()]
+    assert [mixed[m] for m in plain] == [without[m]["ids"] for m in plain]
+    bare = [reference_greedy(tiny.model, m.prompt_ids, 8, engine.eos_token_ids) for m in grouped]
+    assert [mixed[m] for m in grouped] != bare, "the trained head must act on the group"
+
+
 @pytest.mark.parametrize(
     ("groups_of", "message"),
     [

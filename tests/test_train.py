@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import engine_bench
+from model.forward import DecoderForward
 from model.group_head import (
     CheckpointMismatchError,
     GroupHead,
@@ -53,12 +54,12 @@ def unpadded_hidden(body, example) -> torch.Tensor:
     return hidden[start : start + len(example.target_ids)]
 
 
-def test_answer_steps_with_left_padding_match_unpadded_rows(tiny):
+def test_answer_steps_of_grouped_rows_match_each_row_alone(tiny):
     examples = make_examples(tiny.tokenizer, PASSAGES)
     prompt_lengths = {len(e.prompt_ids) for e in examples}
-    assert len(prompt_lengths) == len(examples)  # every row is padded differently
+    assert len(prompt_lengths) == len(examples)  # rows of every length, sharing passages
     body = tiny.model.get_decoder()
-    features = compute_features(body, examples, tiny.tokenizer.pad_token_id, passages_per_batch=3)
+    features = compute_features(DecoderForward(tiny.model), examples, passages_per_batch=3)
     assert features.targets.tolist() == [t for e in examples for t in e.target_ids]
     starts = features.row_starts.tolist()
     for row, example in enumerate(examples):
@@ -68,9 +69,7 @@ def test_answer_steps_with_left_padding_match_unpadded_rows(tiny):
 
 def test_loss_equals_per_row_unpadded_cross_entropy(tiny):
     examples = make_examples(tiny.tokenizer, PASSAGES)
-    features = compute_features(
-        tiny.model.get_decoder(), examples, tiny.tokenizer.pad_token_id, passages_per_batch=2
-    )
+    features = compute_features(DecoderForward(tiny.model), examples, passages_per_batch=2)
     groups = make_groups(features, max_group=5, rng=None)
     # an untrained module is the identity, so the loss must be the base model's own
     head = GroupHead(GroupHeadConfig(hidden_size=64, num_heads=4, adapter_rank=2,
@@ -91,7 +90,7 @@ def test_loss_equals_per_row_unpadded_cross_entropy(tiny):
 
 def test_csa_mixes_rows_of_one_group_at_the_same_step_only(tiny):
     examples = make_examples(tiny.tokenizer, PASSAGES)
-    features = compute_features(tiny.model.get_decoder(), examples, tiny.tokenizer.pad_token_id)
+    features = compute_features(DecoderForward(tiny.model), examples)
     groups = [[0, 1], [2, 3, 4], [5]]  # rows by passage
     hidden, _, group_ids = batch_tensors(features, groups)
     head = GroupHead(GroupHeadConfig(hidden_size=64, num_heads=4))

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
 
-from model.engine import left_pad, shared_prefix_length
+from model.forward import DecoderForward
 from model.loading import cache_dir
+from model.teacher_forcing import teacher_forced_states
 from train.data import Example
 
-FEATURES_VERSION = 1  # bump when the layout of the cached features changes
+FEATURES_VERSION = 2  # bump when the cached features change: their layout or how they are computed
 
 
 @dataclass
@@ -57,55 +57,26 @@ class Features:
         )
 
 
-@torch.inference_mode()
 def answer_hidden_states(
-    body, groups: Sequence[Sequence[Example]], pad_id: int
+    forward: DecoderForward, groups: Sequence[Sequence[Example]]
 ) -> list[torch.Tensor]:
     """Teacher-forced hidden states for every example of `groups`, in order: [T_i, d] each.
 
-    A group's examples share a prompt prefix (one passage). Each row is
-    [left pad][prompt][target without its last token]; the hidden state at position p predicts
-    token p + 1, so the first target token comes from the last prompt token and the T_i target
-    tokens are predicted by the row's last T_i positions. The shared prefix is computed once per
-    group, the rest of each row in one left-padded pass whose positions skip the pads."""
-    device = next(body.parameters()).device
-    examples = [e for group in groups for e in group]
-    group_of_row = torch.tensor([g for g, group in enumerate(groups) for _ in group])
-    prefix_lengths = [shared_prefix_length([e.prompt_ids for e in group]) for group in groups]
-    cache = DynamicCache(config=body.config)
-    prefixes = [group[0].prompt_ids[:n] for group, n in zip(groups, prefix_lengths)]
-    if max(prefix_lengths) > 0:
-        ids, mask = left_pad(prefixes, pad_id)
-        body(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-            past_key_values=cache, use_cache=True,
-        )
-        cache.batch_select_indices(group_of_row.to(device))  # one copy of the prefix per row
-        prefix_mask = mask[group_of_row]
-    else:
-        prefix_mask = torch.zeros((len(examples), 0), dtype=torch.long)
-    row_prefix = [prefix_lengths[g] for g in group_of_row.tolist()]
-    suffixes = [(e.prompt_ids + e.target_ids[:-1])[n:] for e, n in zip(examples, row_prefix)]
-    ids, suffix_mask = left_pad(suffixes, pad_id)
-    # [B, S]: positions continue after each row's real prefix; pads get a dummy position
-    positions = torch.tensor(row_prefix)[:, None] + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    out = body(
-        input_ids=ids.to(device),
-        attention_mask=torch.cat([prefix_mask, suffix_mask], dim=-1).to(device),
-        position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-    )
-    hidden = out.last_hidden_state.float().cpu()  # [B, S, d]
-    width = hidden.shape[1]
-    return [hidden[i, width - len(e.target_ids) :].clone() for i, e in enumerate(examples)]
+    A group's examples share a prompt prefix (one passage). Each example runs as its prompt and
+    target without the target's last token; the state at position p predicts token p + 1, so the
+    first target token comes from the last prompt token, and the T_i target tokens are predicted
+    by the last T_i positions."""
+    sequences = [[e.prompt_ids + e.target_ids[:-1] for e in group] for group in groups]
+    num_last = [[len(e.target_ids) for e in group] for group in groups]
+    return [state.float().cpu() for state in teacher_forced_states(forward, sequences, num_last)]
 
 
 def compute_features(
-    body, examples: Sequence[Example], pad_id: int, passages_per_batch: int = 4,
+    forward: DecoderForward, examples: Sequence[Example], passages_per_batch: int = 4,
     on_batch: Callable[[int], None] | None = None,
 ) -> Features:
-    """Features of `examples`, one forward per batch of passages. Passages are batched in order
-    of prompt length so the left padding between them stays small."""
+    """Features of `examples`, one forward per batch of passages (in order of prompt length, so
+    a batch's passages are alike in size)."""
     by_passage: dict[int, list[int]] = {}
     for row, example in enumerate(examples):
         by_passage.setdefault(example.passage_index, []).append(row)
@@ -114,7 +85,7 @@ def compute_features(
     for start in range(0, len(order), passages_per_batch):
         chunk = order[start : start + passages_per_batch]
         groups = [[examples[row] for row in rows] for rows in chunk]
-        states = answer_hidden_states(body, groups, pad_id)
+        states = answer_hidden_states(forward, groups)
         for row, state in zip((row for rows in chunk for row in rows), states):
             hidden_of_row[row] = state
         if on_batch is not None:
@@ -161,10 +132,8 @@ def cached_features(
         return features
     began = time.perf_counter()
     with tqdm(total=len(examples), desc="features", unit="q", mininterval=1.0) as bar:
-        features = compute_features(
-            loaded.model.get_decoder(), examples, loaded.tokenizer.pad_token_id,
-            passages_per_batch, bar.update,
-        )
+        features = compute_features(DecoderForward(loaded.model), examples, passages_per_batch,
+                                    bar.update)
     print(f"features: {time.perf_counter() - began:.0f} s -> {path}", file=sys.stderr)
     save_features(features, path)
     return features

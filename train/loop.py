@@ -85,13 +85,8 @@ def batch_tensors(features: Features, groups: list) -> tuple[torch.Tensor, ...]:
 def answer_logits(
     head: GroupHead | None, lm_head, hidden: torch.Tensor, group_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The engine's head: CSA on the hidden states, the frozen LM head, then the adapter."""
-    if head is None:
-        return lm_head(hidden)
-    mixed = head(hidden, group_ids, torch.ones_like(group_ids, dtype=torch.bool))
-    logits = lm_head(mixed)
-    delta = head.head_delta(mixed)
-    return logits if delta is None else logits + delta
+    """The engine's head step (`GroupHead.logits`), or the bare LM head without a head."""
+    return lm_head(hidden) if head is None else head.logits(hidden, group_ids, lm_head)
 
 
 def answer_loss(head, lm_head, features: Features, groups: list) -> torch.Tensor:
