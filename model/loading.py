@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from model.quantized import (
     AUTO_WEIGHTS,
@@ -40,7 +45,7 @@ class ModelLoadError(RuntimeError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     name: str  # the id clients use in the `model` field
     weights: str = "fp32"  # the format of its linear layers (model.quantized)
 

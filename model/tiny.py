@@ -7,11 +7,20 @@ milliseconds, with nothing downloaded.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """The tiny model and its tokenizer, as `build_tiny_model` makes them."""
+
+    model: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerFast
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -41,7 +50,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
+def build_tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> TinyModel:
     """Returns a namespace with `model` (fp32, eval mode) and `tokenizer`."""
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
@@ -61,4 +70,4 @@ def build_tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
-    return SimpleNamespace(model=model, tokenizer=tokenizer)
+    return TinyModel(model, tokenizer)
