@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model import kernels
 from model.engine import EngineInputError, GroupedEngine, Member, shared_prefix_length
 from model.group_head import GroupHead, GroupHeadConfig
 from model.prompts import encode_chat, question_messages
@@ -76,6 +77,17 @@ def test_every_member_gets_its_unbatched_greedy_answer(tiny, sizes, csa_kind):
         expected = reference_greedy(tiny.model, member.prompt_ids, 10, engine.eos_token_ids)
         assert results[member]["ids"] == expected
         assert results[member]["finish"] in ("stop", "length")
+
+
+def test_torch_ops_in_place_of_the_cpu_kernels_give_the_same_answers(tiny, monkeypatch):
+    """The path CUDA and compiler-less machines take: torch's attention, norm and rotary."""
+    monkeypatch.setattr(kernels, "usable_for", lambda *_: False)
+    engine = GroupedEngine(tiny.model, tiny.tokenizer)
+    groups = make_groups(tiny, [5, 1, 3])
+    results = run(engine, groups)
+    for member in (m for g in groups for m in g):
+        expected = reference_greedy(tiny.model, member.prompt_ids, 10, engine.eos_token_ids)
+        assert results[member]["ids"] == expected
 
 
 def test_prompts_in_a_group_really_differ_in_length(tiny):
