@@ -9,6 +9,7 @@ attention reads everything (old and new) from the pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from model import kernels
 from model.attention import AttentionPlan, attend
 from model.kv_pool import PoolShape
-from model.quantized import project, project_joined
+from model.quantized import joined_projection, split_projection
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -36,6 +37,28 @@ class StepInputs:
     num_decode_rows: int  # the first tokens are decode rows' (one each), the rest prompt tokens
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One decoder layer's modules, looked up once: nn.Module attribute lookups cost more than
+    the arithmetic of a decode step's small ops."""
+
+    input_norm: nn.Module
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # [T, d] -> [T, (Hq + 2 Hkv) * D]
+    o_proj: nn.Module
+    post_norm: nn.Module
+    gate_up: Callable[[torch.Tensor], list[torch.Tensor]]
+    down_proj: nn.Module
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Block:
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(layer.input_layernorm,
+                   joined_projection([attention.q_proj, attention.k_proj, attention.v_proj]),
+                   attention.o_proj, layer.post_attention_layernorm,
+                   split_projection([mlp.gate_proj, mlp.up_proj]), mlp.down_proj, mlp.act_fn)
+
+
 class DecoderForward:
     def __init__(self, model: nn.Module):
         config = model.config
@@ -47,7 +70,7 @@ class DecoderForward:
             raise UnsupportedModelError("sliding-window attention is not supported")
         body = model.get_decoder()
         self.embed = body.embed_tokens
-        self.layers = list(body.layers)
+        self.blocks = [_Block.of(layer) for layer in body.layers]
         self.norm = body.norm
         self.rotary = body.rotary_emb
         self.num_heads = int(config.num_attention_heads)
@@ -58,7 +81,7 @@ class DecoderForward:
 
     @property
     def pool_shape(self) -> PoolShape:
-        return PoolShape(len(self.layers), self.num_kv_heads, self.head_dim)
+        return PoolShape(len(self.blocks), self.num_kv_heads, self.head_dim)
 
     @torch.inference_mode()
     def __call__(self, step: StepInputs, kv: torch.Tensor) -> torch.Tensor:
@@ -72,21 +95,18 @@ class DecoderForward:
         # than in arithmetic)
         fast = kernels.usable_for(x, self.head_dim)
         norm = _kernel_norm if fast else _module_norm
-        for index, layer in enumerate(self.layers):
-            attention, mlp = layer.self_attn, layer.mlp
+        for index, block in enumerate(self.blocks):
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
-            qkv = project_joined([attention.q_proj, attention.k_proj, attention.v_proj],
-                                 norm(layer.input_layernorm, x))
+            qkv = block.qkv(norm(block.input_norm, x))
             if fast:
                 q = kernels.rotate_and_store(qkv, cos, sin, keys, values, step.slots,
                                              self.num_heads, self.head_dim)
             else:
                 q = self._rotate_and_store(qkv, cos, sin, keys, values, step.slots)
             out = attend(q, keys, values, step.plan)
-            x = x + attention.o_proj(out.reshape(x.shape[0], -1))
-            normed = norm(layer.post_attention_layernorm, x)
-            gate, up = project([mlp.gate_proj, mlp.up_proj], normed)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            x = x + block.o_proj(out.reshape(x.shape[0], -1))
+            gate, up = block.gate_up(norm(block.post_norm, x))
+            x = x + block.down_proj(block.act_fn(gate) * up)
         return norm(self.norm, x[step.output_index])
 
     def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -12,6 +12,7 @@ the step (norms, attention, residuals) stays in the model's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ GROUP_SIZE = 32  # weights per Q4_1 block, and per int4pack scale group
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit values each
 WEIGHT_FORMATS = ("fp32", "bf16", "int4")
 AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see model.loading.resolve_weights
+WEIGHT_CHOICES = (AUTO_WEIGHTS, *WEIGHT_FORMATS)  # what --weights accepts
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
 GGUF_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -190,24 +192,29 @@ class OutputSlice(nn.Module):
         return self.fused(x)[..., self.start : self.end]
 
 
-def project_joined(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The modules' outputs side by side [..., sum of widths]: one fused projection's output as
-    it is, separate modules' outputs concatenated."""
-    fused = getattr(modules[0], "fused", None)
-    whole = (fused is not None and all(getattr(m, "fused", None) is fused for m in modules)
-             and modules[0].start == 0 and modules[-1].end == fused.out_features)
-    if whole:
-        return fused(x)
-    return torch.cat([module(x) for module in modules], dim=-1)
+def joined_projection(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the modules' outputs side by side [..., sum of widths]: one fused projection's
+    output as it is, separate modules' outputs concatenated."""
+    fused = _fused(modules)
+    if fused is not None and modules[0].start == 0 and modules[-1].end == fused.out_features:
+        return fused
+    return lambda x: torch.cat([module(x) for module in modules], dim=-1)
 
 
-def project(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each module applied to x; slices of one fused projection with a single call."""
+def split_projection(modules: list[nn.Module]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """x -> each module's output; slices of one fused projection with a single call."""
+    fused = _fused(modules)
+    if fused is None:
+        return lambda x: [module(x) for module in modules]
+    bounds = [(m.start, m.end) for m in modules]
+    return lambda x: [out[..., start:end] for out in [fused(x)] for start, end in bounds]
+
+
+def _fused(modules: list[nn.Module]) -> nn.Module | None:
+    """The projection the modules are all slices of, if they are."""
     fused = getattr(modules[0], "fused", None)
-    if fused is None or any(getattr(m, "fused", None) is not fused for m in modules):
-        return [module(x) for module in modules]
-    out = fused(x)
-    return [out[..., m.start : m.end] for m in modules]
+    same = fused is not None and all(getattr(m, "fused", None) is fused for m in modules)
+    return fused if same else None
 
 
 # linears computed together: (module holding them, GGUF names, attribute names)
