@@ -23,6 +23,7 @@ from model.engine import GroupedEngine, Member
 from model.group_head import GroupHead, GroupHeadConfig
 from model.loading import LoadedModel, load_model, weights_fingerprint
 from model.prompts import encode_chat, question_messages
+from model.quantized import WEIGHT_CHOICES
 from model.sampling import SamplingParams
 from model.shipped_heads import shipped_checkpoint
 
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "shares a passage (each group size starts from an empty cache either way)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--weights", default="fp32", help="fp32, bf16 or int4")
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
+                        help="auto (the server's default), fp32, bf16 or int4")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

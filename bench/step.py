@@ -23,6 +23,7 @@ from bench.squad import load_selection
 from model.engine import GroupedEngine, Member
 from model.loading import load_model
 from model.prompts import encode_chat, question_messages
+from model.quantized import WEIGHT_CHOICES
 from model.request import Status
 from model.sampling import SamplingParams
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rows", default="1,8,32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--weights", default="fp32", help="fp32, bf16 or int4")
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
+                        help="auto (the server's default), fp32, bf16 or int4")
     parser.add_argument("--hf", action="store_true", help="also time transformers' forward")
     args = parser.parse_args(argv)
     loaded = load_model(args.model, threads=args.threads, weights=args.weights)

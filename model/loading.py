@@ -24,6 +24,7 @@ from transformers import (
 
 from model.quantized import (
     AUTO_WEIGHTS,
+    WEIGHT_CHOICES,
     WEIGHT_FORMATS,
     WeightFormatError,
     has_q4_1_linears,
@@ -100,7 +101,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(
     spec: str | None = None, device: str = "auto", dtype: str = "auto",
-    threads: int | None = None, weights: str = "fp32",
+    threads: int | None = None, weights: str = AUTO_WEIGHTS,
 ) -> LoadedModel:
     """`spec`: None or "embedded" for the default, "tiny-random", a .gguf path, a HF id or dir.
     `weights`: the format of the linear layers (see `resolve_weights`)."""
@@ -149,7 +150,7 @@ def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
         return "int4" if fast and gguf is not None and has_q4_1_linears(gguf) else "fp32"
     if weights not in WEIGHT_FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}: use "
-                             f"{', '.join((AUTO_WEIGHTS, *WEIGHT_FORMATS))}")
+                             f"{', '.join(WEIGHT_CHOICES)}")
     if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
         raise ModelLoadError(f"--weights {weights} needs --device cpu and float32 (the rest of "
                              "the step runs in float32)")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from model.quantized import WEIGHT_FORMATS
+from model.quantized import AUTO_WEIGHTS, WEIGHT_CHOICES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -34,7 +34,7 @@ class Settings:
     csa: str = CSA_AUTO  # "auto", "off" or a checkpoint directory
     device: str = "auto"
     dtype: str = "auto"
-    weights: str = "fp32"  # format of the linear layers: fp32, bf16, int4
+    weights: str = AUTO_WEIGHTS  # linear layers: auto (per device), fp32 (as loaded), bf16, int4
     threads: int | None = None  # torch intra-op threads; None: torch's default
     csa_scope: str = "grouped"  # grouped: only requests that chose grouped QA; all: every one
     max_group_size: int = 8
@@ -55,8 +55,8 @@ class Settings:
                  f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _require(self.dtype in DTYPES,
                  f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _require(self.weights in WEIGHT_FORMATS,
-                 f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        _require(self.weights in WEIGHT_CHOICES,
+                 f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {self.weights!r}")
         _require(self.threads is None or self.threads >= 1,
                  f"threads must be >= 1, got {self.threads}")
         for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes",
@@ -139,8 +139,8 @@ OPTIONS = (
     Option("dtype", "--dtype", "GROUPWISE_DTYPE", str, "a dtype",
            "auto, float32, bfloat16 or float16"),
     Option("weights", "--weights", "GROUPWISE_WEIGHTS", str, "a format",
-           "linear layers: fp32 (as loaded; grouping never changes an answer), bf16 or int4 "
-           "(CPU: faster, but grouping can change an answer)"),
+           "linear layers: auto (int4 from the GGUF's own Q4_1 blocks on a CPU, else as "
+           "loaded), fp32 (as loaded), bf16 or int4 (CPU formats)"),
     Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads"),
     Option("csa_scope", "--csa-scope", "GROUPWISE_CSA_SCOPE", str, "a scope",
            "grouped: CSA and the trained head serve only grouped requests and chat requests "

@@ -13,11 +13,11 @@ from model.sampling import SamplingParams
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    """fp32 weights: the format in which grouping is exactly invariant. (int4 weights shift
-    logits so that rare near-ties can break differently; bench.engine_bench reports how often.)"""
-    return load_model(device="cpu", weights="fp32")
+@pytest.fixture(scope="module", params=["auto", "fp32"])
+def embedded(request):
+    """The default format (int4 from the GGUF on a CPU) and the weights as loaded: grouping is
+    exactly invariant in both."""
+    return load_model(device="cpu", weights=request.param)
 
 
 def answers(engine: GroupedEngine, groups: list[list[Member]]) -> dict:

@@ -19,6 +19,7 @@ def test_defaults():
     assert (settings.host, settings.port, settings.model) == ("127.0.0.1", 8000, None)
     assert settings.max_group_size == 8 and settings.max_wait_ms == 20.0
     assert settings.csa == "auto" and settings.api_key is None
+    assert settings.weights == "auto"  # int4 for the embedded GGUF on a CPU
     assert settings.replica_name == socket.gethostname()
 
 
@@ -49,7 +50,7 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         (["--max-wait-ms", "-1"], {}, "max_wait_ms must be >= 0"),
         ([], {"GROUPWISE_THREADS": "0"}, "threads must be >= 1"),
         (["--kv-cache-mb", "0"], {}, "kv_cache_mb must be > 0"),
-        (["--weights", "int3"], {}, "weights must be one of fp32, bf16, int4"),
+        (["--weights", "int3"], {}, "weights must be one of auto, fp32, bf16, int4"),
         (["--max-prefill-tokens", "0"], {}, "max_prefill_tokens must be >= 1"),
         (["--csa-scope", "some"], {}, "csa_scope must be one of grouped, all"),
         (["--api-key", "a,,b"], {}, "api_key must not hold an empty key"),
