@@ -29,6 +29,7 @@ import torch
 
 from bench.squad import DATA_DIR
 from model.loading import load_model, weights_fingerprint
+from model.quantized import AUTO_WEIGHTS, WEIGHT_CHOICES
 from model.shipped_heads import CHECKPOINT_DIR, SHIPPED
 from train.data import make_examples, read_squad, split_passages
 from train.evaluate import bench_controls, heldout_generation
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-max-tokens", type=int, default=96)
     parser.add_argument("--bench-contexts", type=int, default=20, help="0 skips the bench")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weights", default=AUTO_WEIGHTS, choices=WEIGHT_CHOICES,
+                        help="the base model's weight format, as the server's --weights "
+                        "(the features and the evaluation use it)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the features")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16",
                         help="dtype of the stored weights (float16 halves the checkpoint)")
@@ -90,7 +94,7 @@ def print_table(title: str, results: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     began = time.perf_counter()
-    loaded = load_model(args.model, threads=args.threads)
+    loaded = load_model(args.model, threads=args.threads, weights=args.weights)
     out = output_dir(args, loaded.name)
     paths = {"adapter-only": Path(f"{out}{ADAPTER_SUFFIX}"), "csa+adapter": out}
     fingerprint = weights_fingerprint(loaded.model)
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print_table("held-out passages (train file), generation", metrics["heldout"])
     if args.bench_contexts:
-        metrics["bench"] = bench_controls(paths, args.bench_contexts, args.model, args.threads)
+        metrics["bench"] = bench_controls(paths, args.bench_contexts, args.model, args.threads,
+                                            weights=loaded.weights)
         print_table(f"bench selection (dev), {args.bench_contexts} contexts", metrics["bench"])
     metrics["total_seconds"] = round(time.perf_counter() - began, 1)
     for name, head in heads.items():

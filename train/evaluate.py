@@ -102,7 +102,7 @@ def heldout_generation(
 
 def bench_controls(
     paths: dict[str, Path], contexts: int, model: str | None = None, threads: int | None = None,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, weights: str | None = None,
 ) -> dict:
     """Runs the bench (`python -m bench.engine_bench --group-sizes 1,5`, in this process) with CSA
     off and with every checkpoint of `paths`, as stored; returns its rows without the answers."""
@@ -112,6 +112,7 @@ def bench_controls(
         argv += ["--model", model] if model else []
         argv += ["--threads", str(threads)] if threads else []
         argv += ["--max-tokens", str(max_tokens)] if max_tokens else []
+        argv += ["--weights", weights] if weights else []
         rows = engine_bench.main(argv)["results"]
         results[name] = {
             f"G{row['group_size']}": {k: v for k, v in row.items() if k != "answers"}

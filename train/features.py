@@ -125,7 +125,9 @@ def cached_features(
 ) -> Features:
     """The answer-step hidden states of every example, from the cache when possible (and when
     `use_cache`); computed ones are written to the cache either way."""
-    path = cache_dir() / "csa-features" / f"{features_key(fingerprint, examples)}.pt"
+    # the fingerprint names the base model, not its weight format: both key the features
+    key = features_key(f"{fingerprint}:{loaded.weights}", examples)
+    path = cache_dir() / "csa-features" / f"{key}.pt"
     features = load_features(path) if use_cache else None
     if features is not None:
         print(f"features: {path} (cached)", file=sys.stderr)
