@@ -78,6 +78,8 @@ class DecoderForward:
         self.head_dim = int(getattr(config, "head_dim", None)
                             or config.hidden_size // config.num_attention_heads)
         self.scale = self.head_dim**-0.5
+        if self.embed.weight.device.type == "cpu":
+            kernels.available()  # built (or found in the cache) now, not in the first request
 
     @property
     def pool_shape(self) -> PoolShape:
