@@ -49,8 +49,8 @@ class AttentionPlan:
 
     @functools.cached_property
     def token_extents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel's inputs: every token's extents flattened (starts, lengths) and where each
-        token's begin (offsets, one more than tokens)."""
+        """The kernel's inputs: every token's extents flattened (starts, lengths), and where each
+        token's extents begin in them (offsets, one more than there are tokens)."""
         starts, lengths, offsets = [], [], [0]
         for span in self.spans:
             for i in range(span.n):
