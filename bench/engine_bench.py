@@ -7,7 +7,9 @@ Groups never mix contexts (a context's 5 questions at G=2 are groups of 2, 2, 1)
 runs as its own engine batch unless --batch-groups packs several. Each group size starts from
 an empty prefix cache; with the cache on, a passage's later groups reuse what its first group
 computed; `--prefix-cache off` empties it after every batch, so only grouping saves. Seconds
-are generation time only (model loading excluded), measured around the engine calls.
+are generation time only (model loading excluded), measured around the engine calls. Each row
+also gives the share of its answers identical to the first group size's, and the report lists
+the questions whose answers differ.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Decode step time against batch size, and prefill speed, on the engine (no server, no HTTP).
 
-    python -m bench.step                          # embedded model: 1, 8, 32 rows
-    python -m bench.step --rows 1,8 --steps 10 --hf
+    python -m bench.step                          # embedded model, default weights: 1, 8, 32 rows
+    python -m bench.step --weights fp32 --rows 1,8 --steps 10 --hf
 
-Each row is a different SQuAD passage's question (about 250 prompt tokens), decoding with no
+Each row is a different SQuAD passage's question (about 300 prompt tokens), decoding with no
 shared prefix beyond the system prompt. A step's time is the mean of --steps engine steps once
 every row is decoding. `--hf` also times transformers' eager forward over a DynamicCache for
 the same rows (the forward the engine used before its own), for a before / after table.
