@@ -56,14 +56,15 @@ static void key_scores(const float *q, const float *keys, const int64_t *slots, 
     }
 }
 
-/* out[0:head_dim] = sum over i, in order, of p[i] * value of slots[i]: columns [d, d + 64) in
-   eight registers (eight independent chains keep both FMA units busy), then 8 at a time */
+/* out[0:head_dim] += sum over i, in order, of p[i] * value of slots[i], one fused multiply-add
+   after the other: columns [d, d + 64) in eight registers (eight independent chains keep both
+   FMA units busy), then 8 at a time. A sum split over several calls rounds as one call. */
 static void weighted_values(float *out, const float *p, const float *values,
                             const int64_t *slots, int64_t length, int64_t head_dim) {
     int64_t d = 0;
     for (; d + 8 * LANES <= head_dim; d += 8 * LANES) {
         __m256 acc[8];
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_loadu_ps(out + d + r * LANES);
         for (int64_t i = 0; i < length; ++i) {
             const float *value = values + slots[i] * head_dim + d;
             const __m256 weight = _mm256_set1_ps(p[i]);
@@ -73,7 +74,7 @@ static void weighted_values(float *out, const float *p, const float *values,
         for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + d + r * LANES, acc[r]);
     }
     for (; d < head_dim; d += LANES) {
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc = _mm256_loadu_ps(out + d);
         for (int64_t i = 0; i < length; ++i)
             acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]),
                                   _mm256_loadu_ps(values + slots[i] * head_dim + d), acc);
@@ -95,7 +96,6 @@ static void key_scores(const float *q, const float *keys, const int64_t *slots, 
 
 static void weighted_values(float *out, const float *p, const float *values,
                             const int64_t *slots, int64_t length, int64_t head_dim) {
-    memset(out, 0, sizeof(float) * head_dim);
     for (int64_t i = 0; i < length; ++i)
         for (int64_t d = 0; d < head_dim; ++d)
             out[d] = fmaf(p[i], values[slots[i] * head_dim + d], out[d]);
@@ -120,25 +120,68 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
-/* One (token, kv head): its per_kv query heads over the keys of `slots` (length of them, in the
-   token's sequence order). scores: per_kv * length floats of scratch. */
-static void attend_one(const float *q, const float *keys, const float *values, float *out,
-                       const int64_t *slots, int64_t length, int64_t per_kv, int64_t head_dim,
-                       float scale, float *scores) {
-    for (int64_t g = 0; g < per_kv; ++g) {
-        float *row = scores + g * length;
-        key_scores(q + g * head_dim, keys, slots, length, head_dim, scale, row);
-        float top = row[0];
-        for (int64_t i = 1; i < length; ++i) top = row[i] > top ? row[i] : top;
-        for (int64_t i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - top);
-        float lanes[LANES] = {0}; /* lane i % 8: the same association for every token */
-        for (int64_t i = 0; i < length; ++i) lanes[i % LANES] += row[i];
-        const float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                            ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-        const float inverse = 1.0f / total;
-        for (int64_t i = 0; i < length; ++i) row[i] *= inverse;
-        weighted_values(out + g * head_dim, row, values, slots, length, head_dim);
+#define TILE 8         /* consecutive tokens of one sequence computed together */
+#define KEY_BLOCK 64   /* keys read from memory once for all of a tile's tokens and heads */
+
+/* The softmax of one score row, in place: the same order of operations for every row. */
+static void softmax(float *row, int64_t length) {
+    float top = row[0];
+    for (int64_t i = 1; i < length; ++i) top = row[i] > top ? row[i] : top;
+    for (int64_t i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - top);
+    float lanes[LANES] = {0}; /* lane i % 8: the same association for every token */
+    for (int64_t i = 0; i < length; ++i) lanes[i % LANES] += row[i];
+    const float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                        ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    const float inverse = 1.0f / total;
+    for (int64_t i = 0; i < length; ++i) row[i] *= inverse;
+}
+
+/* One tile (m consecutive tokens of one sequence; token i attends the first first_length + i
+   keys of `slots`) and one kv head: its per_kv query heads. Keys and values are walked in
+   blocks, each block serving every token and head of the tile while it is in cache; every
+   score and every output is still computed by the same operations, in the same order, as for a
+   token alone. scores: m * per_kv * (first_length + m - 1) floats of scratch. */
+static void attend_tile(const float *q, int64_t q_stride, float *out, int64_t m,
+                        const float *keys, const float *values, const int64_t *slots,
+                        int64_t first_length, int64_t per_kv, int64_t head_dim, float scale,
+                        float *scores) {
+    const int64_t width = first_length + m - 1;
+    for (int64_t k = 0; k < width; k += KEY_BLOCK)
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t n = first_length + i - k < KEY_BLOCK ? first_length + i - k : KEY_BLOCK;
+            for (int64_t g = 0; n > 0 && g < per_kv; ++g)
+                key_scores(q + i * q_stride + g * head_dim, keys, slots + k, n, head_dim, scale,
+                           scores + (i * per_kv + g) * width + k);
+        }
+    for (int64_t i = 0; i < m; ++i) {
+        memset(out + i * q_stride, 0, sizeof(float) * per_kv * head_dim);
+        for (int64_t g = 0; g < per_kv; ++g)
+            softmax(scores + (i * per_kv + g) * width, first_length + i);
     }
+    for (int64_t k = 0; k < width; k += KEY_BLOCK)
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t n = first_length + i - k < KEY_BLOCK ? first_length + i - k : KEY_BLOCK;
+            for (int64_t g = 0; n > 0 && g < per_kv; ++g)
+                weighted_values(out + i * q_stride + g * head_dim,
+                                scores + (i * per_kv + g) * width + k, values, slots + k, n,
+                                head_dim);
+        }
+}
+
+/* Whether token b continues token a's sequence by one: the same extents, the last one longer
+   by one slot (the next token of a prefill chunk). */
+static int continues(const int64_t *starts, const int64_t *lengths, const int64_t *token_extents,
+                     int64_t a, int64_t b) {
+    const int64_t first_a = token_extents[a], first_b = token_extents[b];
+    const int64_t count = token_extents[a + 1] - first_a;
+    if (token_extents[b + 1] - first_b != count) return 0;
+    for (int64_t e = 0; e < count; ++e) {
+        const int64_t extra = e == count - 1 ? 1 : 0;
+        if (starts[first_b + e] != starts[first_a + e] ||
+            lengths[first_b + e] != lengths[first_a + e] + extra)
+            return 0;
+    }
+    return 1;
 }
 
 /* Returns 0, or 1 when scratch memory could not be allocated. */
@@ -148,16 +191,29 @@ int attend_tokens(const float *q, const float *keys, const float *values, float 
                   int64_t num_kv_heads, int64_t num_slots, int64_t head_dim, float scale,
                   int num_threads) {
     const int64_t per_kv = num_heads / num_kv_heads;
+    int64_t *tiles = malloc(sizeof(int64_t) * (size_t)(num_tokens + 1)); /* first tokens */
+    if (tiles == NULL) return 1;
+    int64_t num_tiles = 0;
+    for (int64_t t = 0; t < num_tokens; ++num_tiles) {
+        tiles[num_tiles] = t;
+        int64_t m = 1;
+        while (m < TILE && t + m < num_tokens &&
+               continues(extent_starts, extent_lengths, token_extents, t + m - 1, t + m))
+            ++m;
+        t += m;
+    }
+    tiles[num_tiles] = num_tokens;
     int failed = 0;
-    /* consecutive tasks are one token's kv heads, then the next token's: tokens that share a
+    /* consecutive tasks are one tile's kv heads, then the next tile's: tokens that share a
        prefix are neighbours in a step, so a thread finds their keys still in its cache */
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : failed)
-    for (int64_t task = 0; task < num_tokens * num_kv_heads; ++task) {
-        const int64_t t = task / num_kv_heads, h = task % num_kv_heads;
-        const int64_t first = token_extents[t], count = token_extents[t + 1] - first;
-        int64_t length = 0;
-        for (int64_t e = 0; e < count; ++e) length += extent_lengths[first + e];
-        int64_t *slots = malloc((sizeof(int64_t) + sizeof(float) * per_kv) * (size_t)length);
+    for (int64_t task = 0; task < num_tiles * num_kv_heads; ++task) {
+        const int64_t tile = task / num_kv_heads, h = task % num_kv_heads;
+        const int64_t t = tiles[tile], m = tiles[tile + 1] - t, last = t + m - 1;
+        const int64_t first = token_extents[last], count = token_extents[last + 1] - first;
+        int64_t width = 0; /* the tile's last token attends the most keys: all of them */
+        for (int64_t e = 0; e < count; ++e) width += extent_lengths[first + e];
+        int64_t *slots = malloc((sizeof(int64_t) + sizeof(float) * per_kv * m) * (size_t)width);
         if (slots == NULL) {
             failed = 1;
             continue;
@@ -166,12 +222,13 @@ int attend_tokens(const float *q, const float *keys, const float *values, float 
         for (int64_t e = first; e < first + count; ++e)
             for (int64_t s = extent_starts[e]; s < extent_starts[e] + extent_lengths[e]; ++s)
                 slots[j++] = s;
-        attend_one(q + (t * num_heads + h * per_kv) * head_dim,
-                   keys + h * num_slots * head_dim, values + h * num_slots * head_dim,
-                   out + (t * num_heads + h * per_kv) * head_dim, slots, length, per_kv,
-                   head_dim, scale, (float *)(slots + length));
+        attend_tile(q + (t * num_heads + h * per_kv) * head_dim, num_heads * head_dim,
+                    out + (t * num_heads + h * per_kv) * head_dim, m,
+                    keys + h * num_slots * head_dim, values + h * num_slots * head_dim, slots,
+                    width - m + 1, per_kv, head_dim, scale, (float *)(slots + width));
         free(slots);
     }
+    free(tiles);
     return failed;
 }
 

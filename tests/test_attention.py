@@ -8,7 +8,7 @@ import torch
 
 from model.attention import AttentionPlan, Span, _attend_with_torch, attend
 
-HEADS, KV_HEADS, DIM, SLOTS = 6, 2, 16, 64
+HEADS, KV_HEADS, DIM, SLOTS = 6, 2, 16, 160
 SCALE = DIM**-0.5
 CPU = torch.device("cpu")
 
@@ -82,10 +82,15 @@ def test_a_tokens_output_depends_only_on_its_query_and_keys():
 
 
 def test_a_prefill_chunk_equals_the_same_tokens_decoded_one_by_one():
+    """Bit for bit, with the chunk longer than the kernel's tile of tokens (8) and its keys
+    longer than its block of keys (64)."""
     keys, values = pool()
-    q = torch.randn(4, HEADS, DIM, generator=torch.Generator().manual_seed(3))
-    chunk = attend(q, keys, values, AttentionPlan((Span(0, 4, ((0, 9),), 40, 2),), SCALE, CPU))
+    q = torch.randn(11, HEADS, DIM, generator=torch.Generator().manual_seed(3))
+    chunk = attend(q, keys, values, AttentionPlan((Span(0, 11, ((0, 70),), 100, 2),), SCALE,
+                                                  CPU))
     one_by_one = [attend(q[i : i + 1], keys, values,
-                         AttentionPlan((Span(0, 1, ((0, 9),), 40, 2 + i),), SCALE, CPU))
-                  for i in range(4)]
+                         AttentionPlan((Span(0, 1, ((0, 70),), 100, 2 + i),), SCALE, CPU))
+                  for i in range(11)]
     assert torch.equal(chunk, torch.cat(one_by_one))
+    assert torch.allclose(chunk, reference(q, keys, values, AttentionPlan(
+        (Span(0, 11, ((0, 70),), 100, 2),), SCALE, CPU)), atol=1e-5)
