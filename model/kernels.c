@@ -123,17 +123,26 @@ static inline float exp_nonpositive(float x) {
 #define TILE 8         /* consecutive tokens of one sequence computed together */
 #define KEY_BLOCK 64   /* keys read from memory once for all of a tile's tokens and heads */
 
-/* The softmax of one score row, in place: the same order of operations for every row. */
+/* The softmax of one score row, in place: the same order of operations for every row. The max
+   and the sum run in eight lanes (element i in lane i % 8), so they vectorize; the max is exact
+   in any order, and each lane of the sum adds its elements in index order. */
 static void softmax(float *row, int64_t length) {
-    float top = row[0];
-    for (int64_t i = 1; i < length; ++i) top = row[i] > top ? row[i] : top;
-    for (int64_t i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - top);
-    float lanes[LANES] = {0}; /* lane i % 8: the same association for every token */
-    for (int64_t i = 0; i < length; ++i) lanes[i % LANES] += row[i];
+    float top[LANES], lanes[LANES] = {0};
+    for (int l = 0; l < LANES; ++l) top[l] = row[0];
+    int64_t i = 0;
+    for (; i + LANES <= length; i += LANES)
+        for (int l = 0; l < LANES; ++l) top[l] = row[i + l] > top[l] ? row[i + l] : top[l];
+    for (; i < length; ++i) top[i % LANES] = row[i] > top[i % LANES] ? row[i] : top[i % LANES];
+    float most = top[0];
+    for (int l = 1; l < LANES; ++l) most = top[l] > most ? top[l] : most;
+    for (i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - most);
+    for (i = 0; i + LANES <= length; i += LANES)
+        for (int l = 0; l < LANES; ++l) lanes[l] += row[i + l];
+    for (; i < length; ++i) lanes[i % LANES] += row[i];
     const float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
                         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
     const float inverse = 1.0f / total;
-    for (int64_t i = 0; i < length; ++i) row[i] *= inverse;
+    for (i = 0; i < length; ++i) row[i] *= inverse;
 }
 
 /* One tile (m consecutive tokens of one sequence; token i attends the first first_length + i
