@@ -48,18 +48,19 @@ class AttentionPlan:
     device: torch.device
 
     @functools.cached_property
-    def token_extents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel's inputs: every token's extents flattened (starts, lengths), and where each
-        token's extents begin in them (offsets, one more than there are tokens)."""
-        starts, lengths, offsets = [], [], [0]
+    def span_extents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel's inputs: each span's first-token extents flattened (starts, lengths), where
+        each span's begin in them, and where each span's tokens begin in the step (both offsets
+        one longer than there are spans)."""
+        starts, lengths, firsts, tokens = [], [], [0], [0]
         for span in self.spans:
-            for i in range(span.n):
-                for start, length in span.extents_of(i):
-                    starts.append(start)
-                    lengths.append(length)
-                offsets.append(len(starts))
+            for start, length in span.extents_of(0):
+                starts.append(start)
+                lengths.append(length)
+            firsts.append(len(starts))
+            tokens.append(span.offset + span.n)
         return tuple(torch.tensor(values, dtype=torch.long) for values in
-                     (starts, lengths, offsets))
+                     (starts, lengths, firsts, tokens))
 
     @functools.cached_property
     def single_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -102,7 +103,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """q: [T, Hq, D] (rotated) for the step's tokens, whose keys and values are already in the
     pool; keys / values: [Hkv, slots, D] of one layer. Returns [T, Hq, D]."""
     if kernels.usable_for(q, q.shape[-1]):
-        return kernels.attend_tokens(q, keys, values, *plan.token_extents, plan.scale)
+        return kernels.attend_spans(q, keys, values, *plan.span_extents, plan.scale)
     return _attend_with_torch(q, keys, values, plan)
 
 

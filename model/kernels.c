@@ -2,10 +2,9 @@
  * embedding fused with writing keys and values to the pool. Each replaces a handful of torch
  * calls whose per-call cost, not their arithmetic, dominated a decode step.
  *
- * attend_tokens: attention of each query token over its own list of key extents in the pool.
- *
- * Token t attends the pool slots of extents [token_extents[t], token_extents[t + 1]), read in
- * order: that order is the token's sequence order. Every token is computed on its own, in one
+ * attend_spans: attention of each query token over its own list of key extents in the pool,
+ * read in order: that order is the token's sequence order. The step's tokens come in spans
+ * (consecutive tokens of one sequence: a decode row, a prefill chunk). Every token is computed on its own, in one
  * fixed order of operations (scores, then the softmax, then the weighted sum of values, each in
  * key order), so its output depends only on its query and its keys: not on which other tokens
  * share the step, nor on where the prefix cache split its keys into nodes. That makes batched
@@ -177,60 +176,48 @@ static void attend_tile(const float *q, int64_t q_stride, float *out, int64_t m,
         }
 }
 
-/* Whether token b continues token a's sequence by one: the same extents, the last one longer
-   by one slot (the next token of a prefill chunk). */
-static int continues(const int64_t *starts, const int64_t *lengths, const int64_t *token_extents,
-                     int64_t a, int64_t b) {
-    const int64_t first_a = token_extents[a], first_b = token_extents[b];
-    const int64_t count = token_extents[a + 1] - first_a;
-    if (token_extents[b + 1] - first_b != count) return 0;
-    for (int64_t e = 0; e < count; ++e) {
-        const int64_t extra = e == count - 1 ? 1 : 0;
-        if (starts[first_b + e] != starts[first_a + e] ||
-            lengths[first_b + e] != lengths[first_a + e] + extra)
-            return 0;
-    }
-    return 1;
-}
-
-/* Returns 0, or 1 when scratch memory could not be allocated. */
-int attend_tokens(const float *q, const float *keys, const float *values, float *out,
-                  const int64_t *extent_starts, const int64_t *extent_lengths,
-                  const int64_t *token_extents, int64_t num_tokens, int64_t num_heads,
-                  int64_t num_kv_heads, int64_t num_slots, int64_t head_dim, float scale,
-                  int num_threads) {
-    const int64_t per_kv = num_heads / num_kv_heads;
-    int64_t *tiles = malloc(sizeof(int64_t) * (size_t)(num_tokens + 1)); /* first tokens */
+/* Returns 0, or 1 when scratch memory could not be allocated. Span s is the tokens
+   span_tokens[s] .. span_tokens[s + 1] - 1 of one sequence; its first token attends the slots of
+   extents span_extents[s] .. span_extents[s + 1] - 1 in order, and each next token one slot more
+   of the last extent (its own new token). */
+int attend_spans(const float *q, const float *keys, const float *values, float *out,
+                 const int64_t *extent_starts, const int64_t *extent_lengths,
+                 const int64_t *span_extents, const int64_t *span_tokens, int64_t num_spans,
+                 int64_t num_heads, int64_t num_kv_heads, int64_t num_slots, int64_t head_dim,
+                 float scale, int num_threads) {
+    const int64_t per_kv = num_heads / num_kv_heads, num_tokens = span_tokens[num_spans];
+    /* a tile is up to TILE consecutive tokens of one span: its first token and its span */
+    int64_t *tiles = malloc(sizeof(int64_t) * 2 * (size_t)num_tokens);
     if (tiles == NULL) return 1;
     int64_t num_tiles = 0;
-    for (int64_t t = 0; t < num_tokens; ++num_tiles) {
-        tiles[num_tiles] = t;
-        int64_t m = 1;
-        while (m < TILE && t + m < num_tokens &&
-               continues(extent_starts, extent_lengths, token_extents, t + m - 1, t + m))
-            ++m;
-        t += m;
-    }
-    tiles[num_tiles] = num_tokens;
+    for (int64_t s = 0; s < num_spans; ++s)
+        for (int64_t t = span_tokens[s]; t < span_tokens[s + 1]; t += TILE, ++num_tiles) {
+            tiles[2 * num_tiles] = t;
+            tiles[2 * num_tiles + 1] = s;
+        }
     int failed = 0;
     /* consecutive tasks are one tile's kv heads, then the next tile's: tokens that share a
        prefix are neighbours in a step, so a thread finds their keys still in its cache */
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(| : failed)
     for (int64_t task = 0; task < num_tiles * num_kv_heads; ++task) {
         const int64_t tile = task / num_kv_heads, h = task % num_kv_heads;
-        const int64_t t = tiles[tile], m = tiles[tile + 1] - t, last = t + m - 1;
-        const int64_t first = token_extents[last], count = token_extents[last + 1] - first;
-        int64_t width = 0; /* the tile's last token attends the most keys: all of them */
-        for (int64_t e = 0; e < count; ++e) width += extent_lengths[first + e];
+        const int64_t t = tiles[2 * tile], span = tiles[2 * tile + 1];
+        const int64_t end = span_tokens[span + 1], m = end - t < TILE ? end - t : TILE;
+        const int64_t first = span_extents[span], last = span_extents[span + 1] - 1;
+        /* the tile's last token attends the most keys: all the slots gathered here */
+        const int64_t grown = t + m - 1 - span_tokens[span];
+        int64_t width = grown;
+        for (int64_t e = first; e <= last; ++e) width += extent_lengths[e];
         int64_t *slots = malloc((sizeof(int64_t) + sizeof(float) * per_kv * m) * (size_t)width);
         if (slots == NULL) {
             failed = 1;
             continue;
         }
         int64_t j = 0;
-        for (int64_t e = first; e < first + count; ++e)
-            for (int64_t s = extent_starts[e]; s < extent_starts[e] + extent_lengths[e]; ++s)
-                slots[j++] = s;
+        for (int64_t e = first; e <= last; ++e) {
+            const int64_t length = extent_lengths[e] + (e == last ? grown : 0);
+            for (int64_t s = extent_starts[e]; s < extent_starts[e] + length; ++s) slots[j++] = s;
+        }
         attend_tile(q + (t * num_heads + h * per_kv) * head_dim, num_heads * head_dim,
                     out + (t * num_heads + h * per_kv) * head_dim, m,
                     keys + h * num_slots * head_dim, values + h * num_slots * head_dim, slots,

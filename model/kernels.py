@@ -27,7 +27,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=gnu11", 
          "-fPIC")
 POINTER, INT64, FLOAT, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {  # function -> (argument types, return type)
-    "attend_tokens": ([POINTER] * 7 + [INT64] * 5 + [FLOAT, INT], INT),
+    "attend_spans": ([POINTER] * 8 + [INT64] * 5 + [FLOAT, INT], INT),
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),
 }
@@ -78,21 +78,24 @@ def usable_for(x: torch.Tensor, head_dim: int) -> bool:
             and available())
 
 
-def attend_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  extent_starts: torch.Tensor, extent_lengths: torch.Tensor,
-                  token_extents: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [T, Hq, D]; keys / values [Hkv, slots, D] (fp32, CPU). Token t attends the slots of
-    extents token_extents[t] .. token_extents[t + 1] - 1, in order (int64 tensors). The caller
-    guarantees every extent lies inside the pool and every token has at least one key."""
+def attend_spans(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 extent_starts: torch.Tensor, extent_lengths: torch.Tensor,
+                 span_extents: torch.Tensor, span_tokens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """q [T, Hq, D]; keys / values [Hkv, slots, D] (fp32, CPU). Span s is tokens
+    span_tokens[s] .. span_tokens[s + 1] - 1 of one sequence; its first token attends the slots
+    of extents span_extents[s] .. span_extents[s + 1] - 1, in order, and each next token one
+    slot more of the last extent (int64 tensors). The caller guarantees every extent lies inside
+    the pool and every token has at least one key."""
     q, keys, values = q.contiguous(), keys.contiguous(), values.contiguous()
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_slots, _ = keys.shape
     out = torch.empty_like(q)
-    failed = _library().attend_tokens(
+    failed = _library().attend_spans(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
-        extent_starts.data_ptr(), extent_lengths.data_ptr(), token_extents.data_ptr(),
-        num_tokens, num_heads, num_kv_heads, num_slots, head_dim, scale,
-        torch.get_num_threads())
+        extent_starts.data_ptr(), extent_lengths.data_ptr(), span_extents.data_ptr(),
+        span_tokens.data_ptr(), span_extents.shape[0] - 1, num_heads, num_kv_heads, num_slots,
+        head_dim, scale, torch.get_num_threads())
     if failed:
         raise MemoryError("the attention kernel could not allocate its scratch memory")
     return out
