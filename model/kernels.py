@@ -1,5 +1,6 @@
-"""The C kernels of a decoder step on a CPU (`kernels.c`): built with the system's C compiler on
-first use and cached, loaded through ctypes. They need no torch headers, so building takes about
+"""The C kernels of a decoder step on a CPU (`kernels.c`: attention, norm, rotary;
+`q4_1_matmul.c`: the int4 linears): built with the system's C compiler on first use and cached,
+loaded through ctypes. They need no torch headers, so building takes about
 a second; without a compiler, the step runs on torch ops instead (and says so once in the log)."""
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from model.loading import cache_dir
+from model.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "q4_1_matmul.c"))
 # -march=native: the library is built on the machine that runs it; the CPU's flags are part of
 # its cache key. -ffp-contract=off: the source says where to fuse multiply-adds (fmaf).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=gnu11", "-shared",
@@ -30,6 +31,8 @@ SIGNATURES = {  # function -> (argument types, return type)
     "attend_spans": ([POINTER] * 8 + [INT64] * 5 + [FLOAT, INT], INT),
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),
+    "q4_1_matmul": ([POINTER, INT64, INT64, POINTER, POINTER, INT64, POINTER, INT], INT),
+    "q4_1_matmul_available": ([], INT),
 }
 
 
@@ -49,13 +52,14 @@ def _library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: the decoder step runs on torch ops (slower, and "
                     "batched output may differ from unbatched in the last bits)")
         return None
-    key = "\n".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _cpu_flags()])
+    sources = [source.read_text() for source in SOURCES]
+    key = "\n".join([*sources, compiler, *FLAGS, platform.machine(), _cpu_flags()])
     target = cache_dir() / "kernels" / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        built = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
-                               capture_output=True, text=True)
+        built = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial),
+                                "-lm"], capture_output=True, text=True)
         if built.returncode != 0:
             log.warning("building the CPU kernels failed, the decoder step runs on torch "
                         "ops:\n%s", built.stderr[-2000:])
@@ -70,6 +74,12 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return _library() is not None
+
+
+def q4_1_matmul_available() -> bool:
+    """Whether this CPU runs the Q4_1 matmul kernel (it needs AVX-512 VNNI)."""
+    library = _library()
+    return library is not None and library.q4_1_matmul_available() == 1
 
 
 def usable_for(x: torch.Tensor, head_dim: int) -> bool:
@@ -128,3 +138,18 @@ def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         slots.data_ptr(), num_tokens, num_heads, num_kv_heads, num_slots, head_dim,
         torch.get_num_threads())
     return q_out
+
+
+def q4_1_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor,
+                out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 times the Q4_1 weights packed by `model.q4_1.pack_columns`: [M, N] fp32."""
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], out_features)
+    if x.shape[0] == 0:
+        return y
+    failed = _library().q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], nibbles.data_ptr(),
+                                    scales.data_ptr(), out_features, y.data_ptr(),
+                                    torch.get_num_threads())
+    if failed:
+        raise MemoryError("the Q4_1 matmul kernel could not allocate its scratch memory")
+    return y

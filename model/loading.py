@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from model.cache import cache_dir
 from model.quantized import (
     AUTO_WEIGHTS,
     WEIGHT_CHOICES,
@@ -57,10 +58,6 @@ class LoadedModel:
     @property
     def max_context(self) -> int:
         return int(self.model.config.max_position_embeddings)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GROUPWISE_CACHE", Path.home() / ".cache" / "groupwise"))
 
 
 def embedded_gguf_path() -> Path:

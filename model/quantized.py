@@ -1,13 +1,15 @@
 """Weight formats for the CPU: the loaded model's linear layers in bf16, or in int4 built from a
 GGUF's own Q4_1 blocks.
 
-The CPU decode step is bound by reading weights, so smaller weights make it faster. Torch's
-int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`) stores 4-bit values in groups of 32
-with a bf16 scale and zero per group, dequantizing as (q - 8) * scale + zero. A GGUF Q4_1
-block is 32 weights w = d * q + m (fp16 d and m, 4-bit q), which is exactly that format with
-scale = d and zero = m + 8d: no re-quantization, only the bf16 rounding of d and m. Its fast
-paths take bf16 activations, so the activations are cast around each matmul and the rest of
-the step (norms, attention, residuals) stays in the model's dtype.
+The CPU decode step is bound by reading weights, so smaller weights make it faster. int4 keeps
+the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file. On a
+CPU with AVX-512 VNNI they are multiplied by the project's own kernel (`model.q4_1`), which
+rounds activations to 8 bits per block as llama.cpp does. Elsewhere, torch's int4 weight-only
+kernel (`_weight_int4pack_mm_for_cpu`) takes them: it stores 4-bit values in groups of 32 with a
+bf16 scale and zero per group, dequantizing as (q - 8) * scale + zero, which is the Q4_1 block
+with scale = d and zero = m + 8d (only d and m are rounded to bf16); its fast paths take bf16
+activations, so the activations are cast around each matmul. The rest of the step (norms,
+attention, residuals) stays in fp32.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-GROUP_SIZE = 32  # weights per Q4_1 block, and per int4pack scale group
-Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit values each
+from model import kernels
+from model.q4_1 import GROUP_SIZE, Q4_1Linear, quantize_q4_1, unpack_q4_1
+
 WEIGHT_FORMATS = ("fp32", "bf16", "int4")
 AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see model.loading.resolve_weights
 WEIGHT_CHOICES = (AUTO_WEIGHTS, *WEIGHT_FORMATS)  # what --weights accepts
@@ -50,7 +53,7 @@ class Bf16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Int4Linear(nn.Module):
+class Int4PackLinear(nn.Module):
     """y = x W^T (+ b) with W as int4 groups of 32 (torch's CPU int4pack layout)."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
@@ -62,7 +65,7 @@ class Int4Linear(nn.Module):
         self.bias = bias
 
     @classmethod
-    def from_q4_1(cls, raw: np.ndarray, bias: torch.Tensor | None = None) -> Int4Linear:
+    def from_q4_1(cls, raw: np.ndarray, bias: torch.Tensor | None = None) -> Int4PackLinear:
         """raw: [N, K/32 * 20] bytes of a GGUF Q4_1 tensor, one output row per line."""
         q, d, m = unpack_q4_1(raw)
         out_features, in_features = q.shape
@@ -85,35 +88,17 @@ class Int4Linear(nn.Module):
             eye, self.packed, GROUP_SIZE, self.scales_and_zeros).float().T
 
 
-def unpack_q4_1(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1 rows -> q [N, K] int32 in 0..15, d and m [N, K/32] fp32; w = d * q + m.
-    A block stores d, m (fp16), then 16 bytes: byte j holds q[j] (low nibble) and q[j + 16]."""
-    rows = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q4_1_BLOCK_BYTES)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    nibbles = blocks[..., 4:]
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # [N, blocks, 32]
-    q = torch.from_numpy(q.reshape(rows, -1).astype(np.int32))
-    return q, torch.from_numpy(d), torch.from_numpy(m)
+def int4_linear(raw: np.ndarray, bias: torch.Tensor | None = None) -> nn.Module:
+    """The fastest int4 linear this CPU runs for Q4_1 rows: the project's kernel, or torch's."""
+    if kernels.q4_1_matmul_available():
+        return Q4_1Linear(raw, bias)
+    return Int4PackLinear.from_q4_1(raw, bias)
 
 
-def quantize_q4_1(weight: torch.Tensor) -> np.ndarray:
-    """fp32 [N, K] -> Q4_1 rows as llama.cpp's quantizer makes them (per block of 32:
-    m = min, d = (max - min) / 15, q = round((w - m) / d)); for models that come without a
-    GGUF, and for tests."""
-    rows = weight.shape[0]
-    blocks = weight.detach().float().reshape(rows, -1, GROUP_SIZE)
-    low, high = blocks.amin(-1), blocks.amax(-1)
-    d = ((high - low) / 15).to(torch.float16)
-    m = low.to(torch.float16)
-    safe_d = torch.where(d == 0, torch.ones_like(d), d).float()
-    q = ((blocks - m.float()[..., None]) / safe_d[..., None]).round().clamp(0, 15)
-    q = q.to(torch.uint8).numpy()
-    packed = q[..., :16] | (q[..., 16:] << 4)
-    header = np.concatenate([d.numpy()[..., None].view(np.uint8),
-                             m.numpy()[..., None].view(np.uint8)], axis=-1)
-    return np.concatenate([header.reshape(rows, -1, 4), packed], axis=-1).reshape(rows, -1)
+def int4_kernel() -> str:
+    """Which kernel multiplies int4 weights here: their activations' precision differs, so
+    anything computed with int4 weights (training features) names it."""
+    return "q4_1-q8" if kernels.q4_1_matmul_available() else "int4pack-bf16"
 
 
 def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
@@ -141,7 +126,7 @@ def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
         raw = np.asarray(tensor.data)
         return unpermute_rows(raw, heads[gguf_name]) if gguf_name in heads else raw
 
-    _replace_linears(model, lambda index, names, linears: Int4Linear.from_q4_1(
+    _replace_linears(model, lambda index, names, linears: int4_linear(
         np.concatenate([q4_1_rows(index, name) for name in names]), _joined_bias(linears)))
     use_bf16_head(model)
 
@@ -159,7 +144,7 @@ def has_q4_1_linears(gguf_path: str | Path) -> bool:
 def use_int4_quantized(model: nn.Module) -> None:
     """Every linear of the decoder layers quantized to Q4_1 here, then int4 (for a model that
     comes without a GGUF); the LM head in bf16."""
-    _replace_linears(model, lambda index, names, linears: Int4Linear.from_q4_1(
+    _replace_linears(model, lambda index, names, linears: int4_linear(
         quantize_q4_1(torch.cat([linear.weight for linear in linears])),
         _joined_bias(linears)))
     use_bf16_head(model)

@@ -7,17 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from model import kernels
 from model.engine import GroupedEngine, Member
 from model.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
 from model.prompts import encode_chat, question_messages
-from model.quantized import (
-    Int4Linear,
-    OutputSlice,
-    has_q4_1_linears,
-    quantize_q4_1,
-    unpack_q4_1,
-    unpermute_rows,
-)
+from model.q4_1 import Q4_1Linear, quantize_q4_1, unpack_q4_1
+from model.quantized import Int4PackLinear, OutputSlice, has_q4_1_linears, unpermute_rows
 from model.sampling import SamplingParams
 from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
 
@@ -41,7 +36,7 @@ def bf16(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.bfloat16).float()
 
 
-def test_int4_packing_reproduces_the_q4_1_weights_up_to_bf16_scales():
+def test_int4pack_reproduces_the_q4_1_weights_up_to_bf16_scales():
     torch.manual_seed(0)
     weight = torch.randn(48, 96)
     raw = quantize_q4_1(weight)
@@ -52,7 +47,7 @@ def test_int4_packing_reproduces_the_q4_1_weights_up_to_bf16_scales():
     # the int4pack form is (q - 8) * d + (m + 8d), with d and m rounded to bf16
     expected = ((q.float() - 8).view(48, 3, 32) * bf16(d)[..., None]
                 + bf16(m + 8 * d)[..., None]).view(48, 96)
-    layer = Int4Linear.from_q4_1(raw)
+    layer = Int4PackLinear.from_q4_1(raw)
     assert torch.allclose(layer.dequantized(), expected, atol=1e-2, rtol=1e-2)
     assert torch.allclose(layer.dequantized(), reference, atol=0.05)
     x = torch.randn(5, 96)
@@ -77,9 +72,11 @@ def engine_answers(loaded, groups: list[list[list[int]]], max_tokens: int) -> di
     return out
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int4"])
-def test_grouped_equals_alone_within_each_weight_format(weights):
-    loaded = load_model("tiny-random", device="cpu", weights=weights)
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int4", "int4 on torch's kernel"])
+def test_grouped_equals_alone_within_each_weight_format(weights, monkeypatch):
+    if weights == "int4 on torch's kernel":  # what a CPU without AVX-512 VNNI runs
+        monkeypatch.setattr(kernels, "q4_1_matmul_available", lambda: False)
+    loaded = load_model("tiny-random", device="cpu", weights=weights.split()[0])
     prompts = [encode_chat(loaded.tokenizer, question_messages(CONTEXTS[i % 2], q))
                for i, q in enumerate(QUESTIONS)]
     grouped = engine_answers(loaded, [prompts[0::2], prompts[1::2]], max_tokens=8)
@@ -94,7 +91,8 @@ def test_grouped_equals_alone_within_each_weight_format(weights):
 @pytest.mark.slow
 def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
     """transformers dequantizes the GGUF to float32 on load; the int4 layers built from the same
-    Q4_1 blocks hold the same weights, up to the bf16 rounding of the block scales."""
+    Q4_1 blocks hold the same weights: exactly with the Q4_1 kernel, up to the bf16 rounding of
+    the block scales with torch's."""
     fp32 = load_model(None, device="cpu", weights="fp32")
     int4 = load_model(None, device="cpu", weights="int4")
     assert int4.weights == "int4"
@@ -107,6 +105,8 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
             weights = packed.dequantized()
         scale = dense.abs().amax()
         assert (weights - dense).abs().max() < 0.01 * scale
+        if isinstance(packed.fused if isinstance(packed, OutputSlice) else packed, Q4_1Linear):
+            assert torch.allclose(weights, dense, rtol=0, atol=1e-6 * scale)
     assert embedded_gguf_path().is_file()
 
 

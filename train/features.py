@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from model.cache import cache_dir
 from model.forward import DecoderForward
-from model.loading import cache_dir
+from model.quantized import int4_kernel
 from model.teacher_forcing import teacher_forced_states
 from train.data import Example
 
@@ -125,8 +126,10 @@ def cached_features(
 ) -> Features:
     """The answer-step hidden states of every example, from the cache when possible (and when
     `use_cache`); computed ones are written to the cache either way."""
-    # the fingerprint names the base model, not its weight format: both key the features
-    key = features_key(f"{fingerprint}:{loaded.weights}", examples)
+    # the fingerprint names the base model, not its weight format nor int4's kernel: all key
+    # the features
+    weights = f"int4:{int4_kernel()}" if loaded.weights == "int4" else loaded.weights
+    key = features_key(f"{fingerprint}:{weights}", examples)
     path = cache_dir() / "csa-features" / f"{key}.pt"
     features = load_features(path) if use_cache else None
     if features is not None:
