@@ -1,6 +1,6 @@
-"""The C kernels of a decoder step on a CPU (`kernels.c`: attention, norm, rotary;
-`q4_1_matmul.c`: the int4 linears): built with the system's C compiler on first use and cached,
-loaded through ctypes. They need no torch headers, so building takes about
+"""The C kernels of a decoder step on a CPU: `kernels.c` (attention, norm, rotary) and
+`block_matmul.c` (linears in a GGUF's quantized blocks). Built with the system's C compiler on
+first use and cached, loaded through ctypes. They need no torch headers, so building takes about
 a second; without a compiler, the step runs on torch ops instead (and says so once in the log)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from model.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "q4_1_matmul.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "block_matmul.c"))
 # -march=native: the library is built on the machine that runs it; the CPU's flags are part of
 # its cache key. -ffp-contract=off: the source says where to fuse multiply-adds (fmaf).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=gnu11", "-shared",
@@ -31,8 +31,9 @@ SIGNATURES = {  # function -> (argument types, return type)
     "attend_spans": ([POINTER] * 8 + [INT64] * 5 + [FLOAT, INT], INT),
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),
-    "q4_1_matmul": ([POINTER, INT64, INT64, POINTER, POINTER, INT64, POINTER, INT], INT),
-    "q4_1_matmul_available": ([], INT),
+    "q4_1_matmul": ([POINTER, INT64, INT64, POINTER, INT64, POINTER, INT], INT),
+    "q8_0_matmul": ([POINTER, INT64, INT64, POINTER, INT64, POINTER, INT], INT),
+    "block_matmul_available": ([], INT),
 }
 
 
@@ -76,10 +77,10 @@ def available() -> bool:
     return _library() is not None
 
 
-def q4_1_matmul_available() -> bool:
-    """Whether this CPU runs the Q4_1 matmul kernel (it needs AVX-512 VNNI)."""
+def block_matmul_available() -> bool:
+    """Whether this CPU runs the quantized-block matmuls (they need AVX-512 VNNI)."""
     library = _library()
-    return library is not None and library.q4_1_matmul_available() == 1
+    return library is not None and library.block_matmul_available() == 1
 
 
 def usable_for(x: torch.Tensor, head_dim: int) -> bool:
@@ -140,16 +141,24 @@ def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return q_out
 
 
-def q4_1_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor,
-                out_features: int) -> torch.Tensor:
-    """x [M, K] fp32 times the Q4_1 weights packed by `model.q4_1.pack_columns`: [M, N] fp32."""
+def q4_1_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 times Q4_1 weights packed by `model.gguf_blocks.pack_q4_1`: [M, N] fp32."""
+    return _block_matmul(_library().q4_1_matmul, x, packed, out_features)
+
+
+def q8_0_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 times Q8_0 weights packed by `model.gguf_blocks.pack_q8_0`: [M, N] fp32."""
+    return _block_matmul(_library().q8_0_matmul, x, packed, out_features)
+
+
+def _block_matmul(function, x: torch.Tensor, packed: torch.Tensor,
+                  out_features: int) -> torch.Tensor:
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     if x.shape[0] == 0:
         return y
-    failed = _library().q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], nibbles.data_ptr(),
-                                    scales.data_ptr(), out_features, y.data_ptr(),
-                                    torch.get_num_threads())
+    failed = function(x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(), out_features,
+                      y.data_ptr(), torch.get_num_threads())
     if failed:
-        raise MemoryError("the Q4_1 matmul kernel could not allocate its scratch memory")
+        raise MemoryError("the quantized matmul kernel could not allocate its scratch memory")
     return y

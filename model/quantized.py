@@ -2,10 +2,11 @@
 GGUF's own Q4_1 blocks.
 
 The CPU decode step is bound by reading weights, so smaller weights make it faster. int4 keeps
-the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file. On a
-CPU with AVX-512 VNNI they are multiplied by the project's own kernel (`model.q4_1`), which
-rounds activations to 8 bits per block as llama.cpp does. Elsewhere, torch's int4 weight-only
-kernel (`_weight_int4pack_mm_for_cpu`) takes them: it stores 4-bit values in groups of 32 with a
+the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file, and
+the LM head as the file's Q8_0 blocks. On a CPU with AVX-512 VNNI both are multiplied by the
+project's own kernel (`model.gguf_blocks`), which rounds activations to 8 bits per block as
+llama.cpp does. Elsewhere, torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`) takes
+the linears, and the LM head is bf16: torch's kernel stores 4-bit values in groups of 32 with a
 bf16 scale and zero per group, dequantizing as (q - 8) * scale + zero, which is the Q4_1 block
 with scale = d and zero = m + 8d (only d and m are rounded to bf16); its fast paths take bf16
 activations, so the activations are cast around each matmul. The rest of the step (norms,
@@ -22,7 +23,14 @@ import torch
 from torch import nn
 
 from model import kernels
-from model.q4_1 import GROUP_SIZE, Q4_1Linear, quantize_q4_1, unpack_q4_1
+from model.gguf_blocks import (
+    GROUP_SIZE,
+    Q4_1Linear,
+    Q8_0Linear,
+    quantize_q4_1,
+    quantize_q8_0,
+    unpack_q4_1,
+)
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int4")
 AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see model.loading.resolve_weights
@@ -90,7 +98,7 @@ class Int4PackLinear(nn.Module):
 
 def int4_linear(raw: np.ndarray, bias: torch.Tensor | None = None) -> nn.Module:
     """The fastest int4 linear this CPU runs for Q4_1 rows: the project's kernel, or torch's."""
-    if kernels.q4_1_matmul_available():
+    if kernels.block_matmul_available():
         return Q4_1Linear(raw, bias)
     return Int4PackLinear.from_q4_1(raw, bias)
 
@@ -98,7 +106,7 @@ def int4_linear(raw: np.ndarray, bias: torch.Tensor | None = None) -> nn.Module:
 def int4_kernel() -> str:
     """Which kernel multiplies int4 weights here: their activations' precision differs, so
     anything computed with int4 weights (training features) names it."""
-    return "q4_1-q8" if kernels.q4_1_matmul_available() else "int4pack-bf16"
+    return "q4_1-q8" if kernels.block_matmul_available() else "int4pack-bf16"
 
 
 def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
@@ -110,7 +118,8 @@ def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
 
 def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
     """Every linear of the decoder layers in int4, from the GGUF's own Q4_1 tensors, and the
-    LM head in bf16. Raises WeightFormatError for a GGUF whose linears are not all Q4_1."""
+    LM head from its Q8_0 tensor (see `use_int4_head`). Raises WeightFormatError for a GGUF
+    whose linears are not all Q4_1."""
     from gguf import GGUFReader
 
     config = model.config
@@ -128,7 +137,9 @@ def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
 
     _replace_linears(model, lambda index, names, linears: int4_linear(
         np.concatenate([q4_1_rows(index, name) for name in names]), _joined_bias(linears)))
-    use_bf16_head(model)
+    head = tensors.get("output.weight", tensors.get("token_embd.weight"))  # untied, or tied
+    q8_0 = head is not None and head.tensor_type.name == "Q8_0"
+    use_int4_head(model, np.asarray(head.data) if q8_0 else None)
 
 
 def has_q4_1_linears(gguf_path: str | Path) -> bool:
@@ -143,11 +154,23 @@ def has_q4_1_linears(gguf_path: str | Path) -> bool:
 
 def use_int4_quantized(model: nn.Module) -> None:
     """Every linear of the decoder layers quantized to Q4_1 here, then int4 (for a model that
-    comes without a GGUF); the LM head in bf16."""
+    comes without a GGUF); the LM head as `use_int4_head`."""
     _replace_linears(model, lambda index, names, linears: int4_linear(
         quantize_q4_1(torch.cat([linear.weight for linear in linears])),
         _joined_bias(linears)))
-    use_bf16_head(model)
+    use_int4_head(model, None)
+
+
+def use_int4_head(model: nn.Module, q8_0_rows: np.ndarray | None) -> None:
+    """The LM head of the int4 format: Q8_0 blocks on the quantized-block kernel (the GGUF's
+    own, else quantized here), or bf16 where the kernel does not run. Tied to the input
+    embeddings, it gets its own copy, and the embeddings stay as they are."""
+    if not kernels.block_matmul_available():
+        use_bf16_head(model)
+        return
+    head = model.get_output_embeddings()
+    rows = q8_0_rows if q8_0_rows is not None else quantize_q8_0(head.weight)
+    model.set_output_embeddings(Q8_0Linear(rows, head.bias))
 
 
 def use_bf16_linears(model: nn.Module) -> None:

@@ -9,9 +9,9 @@ import torch
 
 from model import kernels
 from model.engine import GroupedEngine, Member
+from model.gguf_blocks import Q4_1Linear, quantize_q4_1, unpack_q4_1
 from model.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
 from model.prompts import encode_chat, question_messages
-from model.q4_1 import Q4_1Linear, quantize_q4_1, unpack_q4_1
 from model.quantized import Int4PackLinear, OutputSlice, has_q4_1_linears, unpermute_rows
 from model.sampling import SamplingParams
 from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
@@ -75,7 +75,7 @@ def engine_answers(loaded, groups: list[list[list[int]]], max_tokens: int) -> di
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int4", "int4 on torch's kernel"])
 def test_grouped_equals_alone_within_each_weight_format(weights, monkeypatch):
     if weights == "int4 on torch's kernel":  # what a CPU without AVX-512 VNNI runs
-        monkeypatch.setattr(kernels, "q4_1_matmul_available", lambda: False)
+        monkeypatch.setattr(kernels, "block_matmul_available", lambda: False)
     loaded = load_model("tiny-random", device="cpu", weights=weights.split()[0])
     prompts = [encode_chat(loaded.tokenizer, question_messages(CONTEXTS[i % 2], q))
                for i, q in enumerate(QUESTIONS)]
