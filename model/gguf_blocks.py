@@ -9,6 +9,8 @@ Q8_0 (its LM head, tied to the embeddings): w = d * q; fp16 d, then 32 signed by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -134,7 +136,10 @@ class BlockLinear(nn.Module):
     each row's output depends on that row alone. Needs AVX-512 VNNI
     (`kernels.block_matmul_available`)."""
 
+    # set by each format: bytes of one GGUF block, its repacking, the kernel that multiplies it
     block_bytes: int
+    pack: Callable[[np.ndarray], torch.Tensor]
+    kernel: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
     def __init__(self, raw: np.ndarray, bias: torch.Tensor | None = None):
         super().__init__()

@@ -169,8 +169,9 @@ def use_int4_head(model: nn.Module, q8_0_rows: np.ndarray | None) -> None:
         use_bf16_head(model)
         return
     head = model.get_output_embeddings()
-    rows = q8_0_rows if q8_0_rows is not None else quantize_q8_0(head.weight)
-    model.set_output_embeddings(Q8_0Linear(rows, head.bias))
+    if q8_0_rows is None or q8_0_rows.shape[0] != head.weight.shape[0]:
+        q8_0_rows = quantize_q8_0(head.weight)
+    model.set_output_embeddings(Q8_0Linear(q8_0_rows, head.bias))
 
 
 def use_bf16_linears(model: nn.Module) -> None:

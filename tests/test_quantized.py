@@ -9,7 +9,7 @@ import torch
 
 from model import kernels
 from model.engine import GroupedEngine, Member
-from model.gguf_blocks import Q4_1Linear, quantize_q4_1, unpack_q4_1
+from model.gguf_blocks import Q4_1Linear, Q8_0Linear, quantize_q4_1, unpack_q4_1
 from model.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
 from model.prompts import encode_chat, question_messages
 from model.quantized import Int4PackLinear, OutputSlice, has_q4_1_linears, unpermute_rows
@@ -107,6 +107,12 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
         assert (weights - dense).abs().max() < 0.01 * scale
         if isinstance(packed.fused if isinstance(packed, OutputSlice) else packed, Q4_1Linear):
             assert torch.allclose(weights, dense, rtol=0, atol=1e-6 * scale)
+    head = int4.model.get_output_embeddings()
+    assert isinstance(head, Q8_0Linear) == kernels.block_matmul_available()
+    if isinstance(head, Q8_0Linear):  # the GGUF's Q8_0 LM head, tied to the embeddings
+        dense = fp32.model.get_output_embeddings().weight
+        assert torch.allclose(head.dequantized(), dense, rtol=0, atol=1e-6 * dense.abs().amax())
+        assert torch.equal(int4.model.get_input_embeddings().weight, dense)
     assert embedded_gguf_path().is_file()
 
 
