@@ -115,6 +115,28 @@ def pack_q8_0(raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(packed, axis=-1))
 
 
+def unpack_packed_q4_1(packed: np.ndarray) -> np.ndarray:
+    """`pack_q4_1`'s layout -> the weights [N padded to 16, K] fp32."""
+    groups, blocks = packed.shape[:2]
+    nibbles = packed[..., : 4 * 64].reshape(groups, blocks, 4, COLUMNS, 4)
+    q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=-1)  # pair, column, j, half
+    q = q.transpose(0, 3, 1, 2, 5, 4).reshape(groups * COLUMNS, blocks, GROUP_SIZE)
+    d_m = packed[..., 4 * 64 :].copy().view(np.float16).astype(np.float32)
+    d_m = d_m.reshape(groups, blocks, 2, COLUMNS).transpose(2, 0, 3, 1)
+    d_m = d_m.reshape(2, groups * COLUMNS, blocks, 1)
+    return (d_m[0] * q + d_m[1]).reshape(groups * COLUMNS, -1)
+
+
+def unpack_packed_q8_0(packed: np.ndarray) -> np.ndarray:
+    """`pack_q8_0`'s layout -> the weights [N padded to 16, K] fp32."""
+    groups, blocks = packed.shape[:2]
+    q = packed[..., : 8 * 64].copy().view(np.int8).reshape(groups, blocks, 8, COLUMNS, 4)
+    q = q.transpose(0, 3, 1, 2, 4).reshape(groups * COLUMNS, blocks, GROUP_SIZE)
+    d = packed[..., 8 * 64 : 8 * 64 + 2 * COLUMNS].copy().view(np.float16)
+    d = d.astype(np.float32).transpose(0, 2, 1).reshape(groups * COLUMNS, blocks, 1)
+    return (d * q).reshape(groups * COLUMNS, -1)
+
+
 class _BlockProduct(torch.autograd.Function):
     """The kernel's product, differentiable in x (training a head on top of the LM head): the
     gradient is the exact product's, W^T grad, as if x were not rounded to 8 bits."""
@@ -136,9 +158,11 @@ class BlockLinear(nn.Module):
     each row's output depends on that row alone. Needs AVX-512 VNNI
     (`kernels.block_matmul_available`)."""
 
-    # set by each format: bytes of one GGUF block, its repacking, the kernel that multiplies it
+    # set by each format: bytes of one GGUF block, its repacking and the way back to weights
+    # ([N / 16, K / 32, bytes] -> [N padded, K] fp32), the kernel that multiplies it
     block_bytes: int
     pack: Callable[[np.ndarray], torch.Tensor]
+    unpack: Callable[[np.ndarray], np.ndarray]
     kernel: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
     def __init__(self, raw: np.ndarray, bias: torch.Tensor | None = None):
@@ -158,6 +182,10 @@ class BlockLinear(nn.Module):
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def dequantized(self) -> torch.Tensor:
+        """The weights this layer multiplies by, [N, K] fp32: exactly the GGUF's."""
+        return torch.from_numpy(self.unpack(self.packed.numpy())[: self.out_features])
+
     def dense_weight(self) -> torch.Tensor:
         """`dequantized()`, kept after the first call (for gradients)."""
         if self._dense is None:
@@ -167,35 +195,11 @@ class BlockLinear(nn.Module):
 
 class Q4_1Linear(BlockLinear):
     block_bytes = Q4_1_BYTES
-    pack = staticmethod(pack_q4_1)
+    pack, unpack = staticmethod(pack_q4_1), staticmethod(unpack_packed_q4_1)
     kernel = staticmethod(kernels.q4_1_matmul)
-
-    def dequantized(self) -> torch.Tensor:
-        """The weights this layer multiplies by, [N, K] fp32: exactly the GGUF's."""
-        groups, blocks = self.packed.shape[:2]
-        packed = self.packed.numpy()
-        nibbles = packed[..., : 4 * 64].reshape(groups, blocks, 4, COLUMNS, 4)
-        q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=-1)  # pair, column, j, half
-        q = q.transpose(0, 3, 1, 2, 5, 4).reshape(groups * COLUMNS, blocks, GROUP_SIZE)
-        d_m = packed[..., 4 * 64 :].copy().view(np.float16).astype(np.float32)
-        d_m = d_m.reshape(groups, blocks, 2, COLUMNS).transpose(2, 0, 3, 1)
-        d_m = d_m.reshape(2, groups * COLUMNS, blocks, 1)
-        weights = (d_m[0] * q + d_m[1]).reshape(groups * COLUMNS, -1)
-        return torch.from_numpy(weights[: self.out_features])
 
 
 class Q8_0Linear(BlockLinear):
     block_bytes = Q8_0_BYTES
-    pack = staticmethod(pack_q8_0)
+    pack, unpack = staticmethod(pack_q8_0), staticmethod(unpack_packed_q8_0)
     kernel = staticmethod(kernels.q8_0_matmul)
-
-    def dequantized(self) -> torch.Tensor:
-        """The weights this layer multiplies by, [N, K] fp32: exactly the GGUF's."""
-        groups, blocks = self.packed.shape[:2]
-        packed = self.packed.numpy()
-        q = packed[..., : 8 * 64].copy().view(np.int8).reshape(groups, blocks, 8, COLUMNS, 4)
-        q = q.transpose(0, 3, 1, 2, 4).reshape(groups * COLUMNS, blocks, GROUP_SIZE)
-        d = packed[..., 8 * 64 : 8 * 64 + 2 * COLUMNS].copy().view(np.float16)
-        d = d.astype(np.float32).transpose(0, 2, 1).reshape(groups * COLUMNS, blocks, 1)
-        weights = (d * q).reshape(groups * COLUMNS, -1)
-        return torch.from_numpy(weights[: self.out_features])
