@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.squad import Group, load_selection, make_groups, score_answer
 from model.engine import GroupedEngine, Member
 from model.group_head import GroupHead, GroupHeadConfig
-from model.loading import LoadedModel, load_model, weights_fingerprint
+from model.loading import LoadedModel, load_model, weights_signature
 from model.prompts import encode_chat, question_messages
 from model.quantized import WEIGHT_CHOICES
 from model.sampling import SamplingParams
@@ -58,7 +58,7 @@ def build_csa(choice: str | None, loaded: LoadedModel) -> tuple[GroupHead | None
     if path is None:
         return None, "off (no shipped checkpoint)"
     csa = GroupHead.load(
-        path, loaded.name, weights_fingerprint(loaded.model), hidden_size
+        path, loaded.name, weights_signature(loaded.model), hidden_size
     )
     return csa, str(path)
 

@@ -59,7 +59,9 @@ class GroupHeadConfig:
     vocab_size: int = 0  # the adapter's output size; needed when adapter_rank > 0
     use_csa: bool = True  # False: the LM-head adapter alone (the training control)
     base_model: str = ""
-    base_fingerprint: str = ""
+    # values sampled from the base model's weights (model.loading.weights_signature); empty:
+    # not checked
+    base_signature: tuple[float, ...] = ()
 
     @property
     def gate_hidden(self) -> int:
@@ -73,7 +75,24 @@ def read_checkpoint_config(directory: str | Path) -> tuple[GroupHeadConfig, dict
         raise FileNotFoundError(f"no CSA checkpoint at {directory} (missing {CONFIG_FILE})")
     fields = json.loads(path.read_text())
     meta = fields.pop("meta", {})
+    # checkpoints written before signatures hold an exact hash of the fp32 weights instead,
+    # which no other dtype could match: such a checkpoint is checked by its hidden size alone
+    fields.pop("base_fingerprint", None)
+    fields["base_signature"] = tuple(fields.get("base_signature", ()))
     return GroupHeadConfig(**fields), meta
+
+
+# how far a sampled weight may move and still be the same base model's: bf16 and fp16 keep 8
+# and 11 significant bits of it, another base model differs in the leading ones
+SIGNATURE_TOLERANCE = 2**-7
+
+
+def signatures_match(expected: tuple[float, ...], actual: tuple[float, ...]) -> bool:
+    """Whether two `weights_signature`s are of the same weights, whatever dtype each was
+    loaded in."""
+    return len(expected) == len(actual) and all(
+        abs(a - b) <= SIGNATURE_TOLERANCE * max(abs(a), abs(b)) + 1e-6
+        for a, b in zip(expected, actual))
 
 
 class GroupHead(nn.Module):
@@ -189,7 +208,8 @@ class GroupHead(nn.Module):
 
     @classmethod
     def load(
-        cls, directory: str | Path, base_model: str = "", base_fingerprint: str = "",
+        cls, directory: str | Path, base_model: str = "",
+        base_signature: tuple[float, ...] = (),
         hidden_size: int | None = None,
     ) -> GroupHead:
         """Loads a checkpoint and refuses one made for another base model."""
@@ -200,11 +220,11 @@ class GroupHead(nn.Module):
                 f"CSA checkpoint {directory} has hidden size {config.hidden_size}, "
                 f"the base model has {hidden_size}"
             )
-        if base_fingerprint and config.base_fingerprint not in ("", base_fingerprint):
+        if (base_signature and config.base_signature
+                and not signatures_match(config.base_signature, base_signature)):
             raise CheckpointMismatchError(
                 f"CSA checkpoint {directory} was trained on {config.base_model or 'another model'}"
-                f" (weights {config.base_fingerprint[:12]}), not on {base_model or 'this model'}"
-                f" (weights {base_fingerprint[:12]})"
+                f", not on {base_model or 'this model'} (their weights differ)"
             )
         head = cls(config, meta)
         head.load_state_dict(load_file(directory / WEIGHTS_FILE))

@@ -212,13 +212,33 @@ def _file_digest(path: Path) -> str:
 
 
 def weights_fingerprint(model: PreTrainedModel) -> str:
-    """sha256 of the input embeddings and final norm: cheap even for 7B models, and different
-    for any two base models a CSA checkpoint could be confused between."""
+    """sha256 of the input embeddings and final norm as loaded: cheap even for 7B models, and
+    exact, so it keys what was computed from these weights in this dtype (training features)."""
     digest = hashlib.sha256()
+    for tensor in _identifying_tensors(model):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+SIGNATURE_SIZE = 64  # values sampled from each identifying tensor
+
+
+def weights_signature(model: PreTrainedModel) -> tuple[float, ...]:
+    """Values at fixed places of the input embeddings and the final norm: what a group head
+    checks its base model by. Unlike the fingerprint it survives loading the same weights in
+    another dtype (compared with `model.group_head.signatures_match`)."""
+    values: list[float] = []
+    for tensor in _identifying_tensors(model):
+        flat = tensor.detach().reshape(-1)
+        # a multiplicative hash spreads the samples over rows and columns alike
+        places = torch.arange(SIGNATURE_SIZE, dtype=torch.long) * 2654435761 % flat.numel()
+        values += flat[places.to(flat.device)].float().tolist()
+    return tuple(float(f"{value:.6g}") for value in values)
+
+
+def _identifying_tensors(model: PreTrainedModel) -> list[torch.Tensor]:
     tensors = [model.get_input_embeddings().weight]
     norm = getattr(getattr(model, "model", None), "norm", None)
     if norm is not None and getattr(norm, "weight", None) is not None:
         tensors.append(norm.weight)
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return tensors

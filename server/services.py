@@ -12,7 +12,7 @@ from pathlib import Path
 
 from model.engine import EngineInputError, GroupedEngine
 from model.group_head import GroupHead
-from model.loading import LoadedModel, load_model, weights_fingerprint
+from model.loading import LoadedModel, load_model, weights_signature
 from model.prompts import encode_chat, longest_token_chars
 from model.shipped_heads import shipped_checkpoint
 from server.config import CSA_AUTO, Settings
@@ -101,6 +101,6 @@ def load_csa(settings: Settings, loaded: LoadedModel) -> GroupHead | None:
     return GroupHead.load(
         path,
         base_model=loaded.name,
-        base_fingerprint=weights_fingerprint(loaded.model),
+        base_signature=weights_signature(loaded.model),
         hidden_size=loaded.model.config.hidden_size,
     )

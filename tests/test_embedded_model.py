@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench.squad import load_selection
 from model.engine import GroupedEngine, Member
@@ -47,3 +48,18 @@ def test_a_group_answers_exactly_as_its_questions_alone(embedded):
     computed = sum(u.computed_prompt_tokens for u in grouped["usages"].values())
     assert computed < 0.5 * billed
     assert billed == sum(u.prompt_tokens for u in alone["usages"].values())
+
+
+def test_the_shipped_head_loads_on_bf16_weights():
+    """--dtype bfloat16 (the default on a GPU): the server and the engine bench start with the
+    shipped group head, whose base model was checked in float32."""
+    from bench.engine_bench import build_csa
+    from server.app import create_app
+    from server.config import Settings
+
+    loaded = load_model(device="cpu", dtype="bfloat16")
+    head, source = build_csa(None, loaded)
+    assert head is not None and source.endswith("smollm2-135m-instruct")
+    services = create_app(Settings(dtype="bfloat16")).state.services
+    assert services.loaded.model.dtype is torch.bfloat16
+    assert services.engine.csa is not None

@@ -4,6 +4,7 @@ reference; checkpoints with their metadata."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -104,11 +105,11 @@ def test_gate_starts_nearly_closed():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    head = trained_like(adapter_rank=4, vocab_size=50, base_model="m", base_fingerprint="abc")
+    head = trained_like(adapter_rank=4, vocab_size=50, base_model="m", base_signature=(0.5, -1.0))
     head.meta.update(trained=["q_proj"], metrics={"f1": 0.5})
     torch.nn.init.normal_(head.adapter_up.weight)
     head.save(tmp_path)
-    loaded = GroupHead.load(tmp_path, "m", "abc", hidden_size=D)
+    loaded = GroupHead.load(tmp_path, "m", (0.5, -1.0), hidden_size=D)
     h = torch.randn(4, D)
     groups, active = torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.bool)
     with torch.no_grad():
@@ -140,13 +141,25 @@ def test_half_precision_checkpoint_is_half_the_size_and_loads_as_fp32(tmp_path):
 
 
 def test_checkpoint_for_another_model_is_refused(tmp_path):
-    trained_like(base_model="model-a", base_fingerprint="aaaa").save(tmp_path)
+    trained_like(base_model="model-a", base_signature=(0.5, -1.0)).save(tmp_path)
     with pytest.raises(CheckpointMismatchError, match="hidden size 32"):
-        GroupHead.load(tmp_path, "model-a", "aaaa", hidden_size=64)
+        GroupHead.load(tmp_path, "model-a", (0.5, -1.0), hidden_size=64)
     with pytest.raises(CheckpointMismatchError, match="model-a"):
-        GroupHead.load(tmp_path, "model-b", "bbbb", hidden_size=D)
+        GroupHead.load(tmp_path, "model-b", (0.5, 1.0), hidden_size=D)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no CSA checkpoint"):
         GroupHead.load(tmp_path / "nowhere")
+
+
+def test_checkpoint_with_a_legacy_weights_hash_loads(tmp_path):
+    """Checkpoints written before signatures name their base by an exact hash of its fp32
+    weights; they load, checked by their hidden size."""
+    trained_like(base_model="model-a").save(tmp_path)
+    config_file = tmp_path / "config.json"
+    fields = json.loads(config_file.read_text())
+    del fields["base_signature"]
+    config_file.write_text(json.dumps({**fields, "base_fingerprint": "ab" * 32}))
+    head = GroupHead.load(tmp_path, "model-a", (0.5, -1.0), hidden_size=D)
+    assert head.config.base_signature == ()

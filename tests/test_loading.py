@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.group_head import signatures_match
 from model.loading import (
     ModelLoadError,
     embedded_gguf_path,
     load_model,
     resolve_dtype,
     weights_fingerprint,
+    weights_signature,
 )
 from model.tiny import build_tiny_model
 
@@ -30,6 +32,16 @@ def test_fingerprint_tells_models_apart():
     assert weights_fingerprint(build_tiny_model(seed=0).model) != weights_fingerprint(
         build_tiny_model(seed=1).model
     )
+
+
+def test_signature_survives_the_dtype_and_tells_models_apart():
+    """A group head trained on float32 weights is matched to the same model loaded in bf16 or
+    fp16 (what --dtype auto picks on a GPU), never to another model."""
+    signature = weights_signature(build_tiny_model(seed=0).model)
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = weights_signature(build_tiny_model(seed=0).model.to(dtype))
+        assert rounded != signature and signatures_match(signature, rounded)
+    assert not signatures_match(signature, weights_signature(build_tiny_model(seed=1).model))
 
 
 def test_dtype_defaults_to_float32_on_cpu():

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from model.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
-from model.loading import weights_fingerprint
+from model.loading import weights_signature
 from server.__main__ import main
 from server.app import create_app
 from server.config import OPTIONS, Settings, SettingsError
@@ -81,14 +81,14 @@ def test_csa_path_resolution(tmp_path):
     assert csa_path(Settings(csa=str(tmp_path)), "tiny-random") == tmp_path
 
 
-def save_checkpoint(directory, hidden_size: int, fingerprint: str) -> None:
+def save_checkpoint(directory, hidden_size: int, signature: tuple[float, ...]) -> None:
     config = GroupHeadConfig(hidden_size=hidden_size, num_heads=4, base_model="some-model",
-                       base_fingerprint=fingerprint)
+                       base_signature=signature)
     GroupHead(config).save(directory)
 
 
 def test_checkpoint_of_another_model_stops_start_up(tiny_model, tmp_path, capsys):
-    save_checkpoint(tmp_path, tiny_model.model.config.hidden_size, "0" * 64)
+    save_checkpoint(tmp_path, tiny_model.model.config.hidden_size, (1.0,) * 128)
     settings = Settings(model="tiny-random", csa=str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match="trained on some-model"):
         create_app(settings, loaded_model=tiny_model)
@@ -97,8 +97,8 @@ def test_checkpoint_of_another_model_stops_start_up(tiny_model, tmp_path, capsys
 
 
 def test_matching_checkpoint_is_loaded(tiny_model, tmp_path):
-    fingerprint = weights_fingerprint(tiny_model.model)
-    save_checkpoint(tmp_path, tiny_model.model.config.hidden_size, fingerprint)
+    signature = weights_signature(tiny_model.model)
+    save_checkpoint(tmp_path, tiny_model.model.config.hidden_size, signature)
     app = create_app(Settings(model="tiny-random", csa=str(tmp_path)), loaded_model=tiny_model)
     assert app.state.services.engine.csa is not None
     off = create_app(Settings(model="tiny-random", csa="off"), loaded_model=tiny_model)

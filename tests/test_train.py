@@ -26,6 +26,7 @@ from train.evaluate import bench_controls, heldout_generation
 from train.features import compute_features
 from train.loop import answer_logits, answer_loss, batch_tensors, make_groups
 
+SIGNATURE, OTHER_SIGNATURE = (0.25, -0.5, 1.0), (0.25, -0.5, 2.0)
 PASSAGES = [
     Passage("Cats sleep most of the day.", (
         Question("Who sleeps?", ("Cats",)),
@@ -114,13 +115,13 @@ def test_csa_mixes_rows_of_one_group_at_the_same_step_only(tiny):
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     config = GroupHeadConfig(hidden_size=64, num_heads=4, adapter_rank=3, vocab_size=50,
-                             head_mlp=8, base_model="tiny-random", base_fingerprint="abc123")
+                             head_mlp=8, base_model="tiny-random", base_signature=SIGNATURE)
     meta = {"trained": ["csa", "gate", "lm_head_adapter"], "metrics": {"f1": 0.5}}
     head = GroupHead(config, meta)
     for parameter in head.parameters():
         torch.nn.init.normal_(parameter)
     head.save(tmp_path)
-    loaded = GroupHead.load(tmp_path, "tiny-random", "abc123", 64)
+    loaded = GroupHead.load(tmp_path, "tiny-random", SIGNATURE, 64)
     assert loaded.config == config
     assert loaded.meta == meta
     for name, tensor in head.state_dict().items():
@@ -129,9 +130,9 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     active = torch.ones(4, dtype=torch.bool)
     torch.testing.assert_close(loaded(h, groups, active), head(h, groups, active))
     with pytest.raises(CheckpointMismatchError, match="trained on tiny-random"):
-        GroupHead.load(tmp_path, "other-model", "def456", 64)
+        GroupHead.load(tmp_path, "other-model", OTHER_SIGNATURE, 64)
     with pytest.raises(CheckpointMismatchError, match="hidden size"):
-        GroupHead.load(tmp_path, "tiny-random", "abc123", 128)
+        GroupHead.load(tmp_path, "tiny-random", SIGNATURE, 128)
 
 
 def test_head_adapter_starts_as_identity_and_applies_to_every_row():
@@ -248,7 +249,7 @@ def test_shipped_checkpoints_are_small_and_describe_themselves():
         # the weights' names are the head's attribute names: the shipped files load strictly
         assert GroupHead.load(directory).config == config
         assert (config.base_model, config.hidden_size) == ("SmolLM2-135M-Instruct", 576)
-        assert len(config.base_fingerprint) == 64
+        assert len(config.base_signature) == 128
         assert meta["trained"] and meta["settings"] and meta["train_args"]["train"]
         assert set(meta["metrics"]["bench"]) == {"base", "adapter-only", "csa+adapter"}
         assert meta["data"]["heldout_passages"] > 0
@@ -257,17 +258,17 @@ def test_shipped_checkpoints_are_small_and_describe_themselves():
 @pytest.mark.slow
 def test_shipped_checkpoint_loads_on_the_embedded_model_and_keeps_g1_answers():
     from model.engine import GroupedEngine, Member
-    from model.loading import load_model, weights_fingerprint
+    from model.loading import load_model, weights_signature
     from model.prompts import encode_chat, extract_answer, question_messages
     from model.sampling import SamplingParams
 
     loaded = load_model()
-    fingerprint = weights_fingerprint(loaded.model)
+    signature = weights_signature(loaded.model)
     csa = GroupHead.load(
-        shipped_checkpoint(loaded.name), loaded.name, fingerprint, 576
+        shipped_checkpoint(loaded.name), loaded.name, signature, 576
     )
     control = GroupHead.load(
-        SHIPPED_DIR / "smollm2-135m-instruct-adapter-only", loaded.name, fingerprint, 576
+        SHIPPED_DIR / "smollm2-135m-instruct-adapter-only", loaded.name, signature, 576
     )
     passage = PASSAGES[1]
     prompts = [encode_chat(loaded.tokenizer, question_messages(passage.context, q.question))

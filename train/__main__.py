@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.squad import DATA_DIR
-from model.loading import load_model, weights_fingerprint
+from model.loading import load_model, weights_fingerprint, weights_signature
 from model.quantized import AUTO_WEIGHTS, WEIGHT_CHOICES
 from model.shipped_heads import CHECKPOINT_DIR, SHIPPED
 from train.data import make_examples, read_squad, split_passages
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_answer_tokens": len(train_features.targets),
         "heldout_passages": len(heldout_ids), "heldout_questions": heldout.num_rows,
     }
-    base = {"base_model": loaded.name, "base_fingerprint": fingerprint,
+    base = {"base_model": loaded.name, "base_signature": weights_signature(loaded.model),
             "meta": {"train_args": {**vars(args), "train": Path(args.train).name}, "data": data}}
     adapter = train_adapter(loaded, train_features, heldout, adapter_settings, args, base)
     csa = train_csa(adapter, loaded, train_features, heldout, csa_settings, args, base)

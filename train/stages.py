@@ -25,12 +25,12 @@ from train.loop import TrainSettings, train
 
 def new_head(loaded, args: argparse.Namespace, use_csa: bool, base: dict) -> GroupHead:
     """An untrained head for the loaded base model; `base` holds the base model's name and
-    fingerprint and the metadata both stages share."""
+    signature and the metadata both stages share."""
     config = GroupHeadConfig(
         hidden_size=loaded.model.config.hidden_size, num_heads=args.num_heads,
         adapter_rank=args.adapter_rank, head_mlp=args.head_mlp,
         vocab_size=loaded.model.config.vocab_size, use_csa=use_csa,
-        base_model=base["base_model"], base_fingerprint=base["base_fingerprint"],
+        base_model=base["base_model"], base_signature=base["base_signature"],
     )
     return GroupHead(config, meta=json.loads(json.dumps(base["meta"])))
 
