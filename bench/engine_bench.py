@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from bench.squad import Group, load_selection, make_groups, score_answer
-from model.engine import GroupedEngine, Member
-from model.group_head import GroupHead, GroupHeadConfig
-from model.loading import LoadedModel, load_model, weights_signature
+from model.engine.grouped_engine import GroupedEngine, Member
+from model.engine.sampling import SamplingParams
+from model.head.group_head import GroupHead, GroupHeadConfig
+from model.head.shipped import shipped_checkpoint
 from model.prompts import encode_chat, question_messages
-from model.quantized import WEIGHT_CHOICES
-from model.sampling import SamplingParams
-from model.shipped_heads import shipped_checkpoint
+from model.weights.formats import WEIGHT_CHOICES
+from model.weights.loading import LoadedModel, load_model, weights_signature
 
 COLUMNS = [
     ("G", "group_size", "{}"),

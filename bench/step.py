@@ -20,12 +20,12 @@ import torch
 from transformers import DynamicCache
 
 from bench.squad import load_selection
-from model.engine import GroupedEngine, Member
-from model.loading import load_model
+from model.engine.grouped_engine import GroupedEngine, Member
+from model.engine.request import Status
+from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat, question_messages
-from model.quantized import WEIGHT_CHOICES
-from model.request import Status
-from model.sampling import SamplingParams
+from model.weights.formats import WEIGHT_CHOICES
+from model.weights.loading import load_model
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:

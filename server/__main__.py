@@ -13,8 +13,8 @@ import sys
 
 import uvicorn
 
-from model.group_head import CheckpointMismatchError
-from model.loading import ModelLoadError
+from model.head.group_head import CheckpointMismatchError
+from model.weights.loading import ModelLoadError
 from server.app import begin_drain, create_app, end_in_flight, is_drained
 from server.config import Settings, SettingsError
 from server.connections import uvicorn_config

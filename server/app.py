@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from model.loading import LoadedModel
+from model.weights.loading import LoadedModel
 from server.api import plain, v1
 from server.config import Settings
 from server.errors import install_error_handlers

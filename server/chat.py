@@ -13,8 +13,8 @@ import uuid
 
 from fastapi import Request
 
-from model.engine import Member, TokenEvent
-from model.sampling import SamplingParams
+from model.engine.grouped_engine import Member, TokenEvent
+from model.engine.sampling import SamplingParams
 from server.question import Question
 from server.responses import respond
 from server.schemas import ChatCompletionRequest

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from model.quantized import AUTO_WEIGHTS, WEIGHT_CHOICES
+from model.weights.formats import AUTO_WEIGHTS, WEIGHT_CHOICES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

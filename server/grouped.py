@@ -18,9 +18,9 @@ import uuid
 
 from fastapi import Request
 
-from model.engine import EngineInputError, Member, TokenEvent
+from model.engine.grouped_engine import EngineInputError, Member, TokenEvent
+from model.engine.sampling import SamplingParams
 from model.prompts import extract_answer, question_messages
-from model.sampling import SamplingParams
 from server.question import Question, QuestionEvent
 from server.responses import respond
 from server.schemas import GroupedCompletionRequest

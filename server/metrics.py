@@ -27,7 +27,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class EngineCounters(Protocol):
-    """What the metrics read from the engine after a step (model.engine.GroupedEngine)."""
+    """What the metrics read from the engine after a step (`GroupedEngine`)."""
 
     @property
     def kv_cache_usage(self) -> float: ...

@@ -12,7 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from model.request import Member, TokenEvent, Usage
+from model.engine.request import Member, TokenEvent, Usage
 
 
 class QuestionStatus(enum.Enum):

@@ -11,7 +11,7 @@ from typing import Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from model.request import TokenEvent
+from model.engine.request import TokenEvent
 from server.errors import ClientDisconnected, error_body
 from server.question import EngineFailure, Question, QuestionEvent
 from server.scheduler import Scheduler

@@ -20,7 +20,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from model.request import Status
+from model.engine.request import Status
 from server.question import Question
 
 Item = TypeVar("Item")

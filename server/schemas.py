@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from model.sampling import SEED_RANGE
+from model.engine.sampling import SEED_RANGE
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TEXT_CHARS = 2_000_000

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.engine import EngineInputError, GroupedEngine
-from model.group_head import GroupHead
-from model.loading import LoadedModel, load_model, weights_signature
+from model.engine.grouped_engine import EngineInputError, GroupedEngine
+from model.head.group_head import GroupHead
+from model.head.shipped import shipped_checkpoint
 from model.prompts import encode_chat, longest_token_chars
-from model.shipped_heads import shipped_checkpoint
+from model.weights.loading import LoadedModel, load_model, weights_signature
 from server.config import CSA_AUTO, Settings
 from server.errors import APIError
 from server.metrics import ServerMetrics

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from model.request import EngineInputError, Member, TokenEvent, Usage
+from model.engine.request import EngineInputError, Member, TokenEvent, Usage
 from server.metrics import EngineCounters
 from server.question import EngineFailure, Question, QuestionEvent
 
@@ -29,7 +29,7 @@ SHUTDOWN_MESSAGE = "the server shut down before this answer was complete; retry"
 
 
 class Engine(EngineCounters, Protocol):
-    """What the worker thread asks of the engine (model.engine.GroupedEngine); the counters
+    """What the worker thread asks of the engine (`GroupedEngine`); the counters
     go to the metrics after each step."""
 
     @property

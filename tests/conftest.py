@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import pytest
 import uvicorn
 
-from model.engine import GroupedEngine, Member
-from model.loading import LoadedModel, load_model
+from model.engine.grouped_engine import GroupedEngine, Member
+from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat
-from model.sampling import SamplingParams
+from model.weights.loading import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from model.attention import AttentionPlan, Span, _attend_with_torch, attend
+from model.forward.attention import AttentionPlan, Span, _attend_with_torch, attend
 
 HEADS, KV_HEADS, DIM, SLOTS = 6, 2, 16, 160
 SCALE = DIM**-0.5

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from bench.squad import load_selection
-from model.engine import GroupedEngine, Member
-from model.loading import EMBEDDED_MODEL_NAME, load_model
+from model.engine.grouped_engine import GroupedEngine, Member
+from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat, question_messages
-from model.sampling import SamplingParams
+from model.weights.loading import EMBEDDED_MODEL_NAME, load_model
 
 pytestmark = pytest.mark.slow
 

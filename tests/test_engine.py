@@ -6,12 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import kernels
-from model.engine import EngineInputError, GroupedEngine, Member, shared_prefix_length
-from model.group_head import GroupHead, GroupHeadConfig
+from model.engine.grouped_engine import (
+    EngineInputError,
+    GroupedEngine,
+    Member,
+    shared_prefix_length,
+)
+from model.engine.sampling import SamplingParams
+from model.forward import cpu_kernels
+from model.head.group_head import GroupHead, GroupHeadConfig
 from model.prompts import encode_chat, question_messages
-from model.sampling import SamplingParams
-from model.tiny import build_tiny_model
+from model.weights.tiny import build_tiny_model
 
 CONTEXTS = [
     "The cat sat on the mat while the dog slept by the fire.",
@@ -81,7 +86,7 @@ def test_every_member_gets_its_unbatched_greedy_answer(tiny, sizes, csa_kind):
 
 def test_torch_ops_in_place_of_the_cpu_kernels_give_the_same_answers(tiny, monkeypatch):
     """The path CUDA and compiler-less machines take: torch's attention, norm and rotary."""
-    monkeypatch.setattr(kernels, "usable_for", lambda *_: False)
+    monkeypatch.setattr(cpu_kernels, "usable_for", lambda *_: False)
     engine = GroupedEngine(tiny.model, tiny.tokenizer)
     groups = make_groups(tiny, [5, 1, 3])
     results = run(engine, groups)

@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model.engine as engine_module
-from model.engine import EngineInputError, GroupedEngine, Member
-from model.kv_pool import PoolShape
+import model.engine.grouped_engine as engine_module
+from model.engine.grouped_engine import EngineInputError, GroupedEngine, Member
+from model.engine.sampling import SamplingParams
+from model.forward.decoder import PoolShape
 from model.prompts import encode_chat, question_messages
-from model.sampling import SamplingParams
 from tests.test_engine import CONTEXTS, QUESTIONS, prompts_for, reference_greedy, run
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from model.tiny import build_tiny_model
+    from model.weights.tiny import build_tiny_model
 
     return build_tiny_model()
 
@@ -228,7 +228,7 @@ def test_a_request_is_admitted_when_exactly_its_worst_case_fits(tiny):
 def test_qwen2_with_its_q_k_v_biases_decodes_as_the_reference():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from model.tiny import build_tiny_tokenizer
+    from model.weights.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from model import kernels
-from model.gguf_blocks import Q4_1Linear, Q8_0Linear, quantize_q4_1, quantize_q8_0
+from model.weights import block_matmul
+from model.weights.gguf_blocks import Q4_1Linear, Q8_0Linear, quantize_q4_1, quantize_q8_0
 from tests.test_quantized import ggml_dequantize_q4_1
 
-needs_kernel = pytest.mark.skipif(not kernels.block_matmul_available(),
+needs_kernel = pytest.mark.skipif(not block_matmul.available(),
                                   reason="the kernel needs a CPU with AVX-512 VNNI")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
 
 D = 32
 

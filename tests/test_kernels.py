@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from model import kernels
-from model.forward import DecoderForward
-from model.tiny import build_tiny_model
+from model.forward import cpu_kernels as kernels
+from model.forward.decoder import DecoderForward
+from model.weights.tiny import build_tiny_model
 
 
 def test_the_kernels_build_here():

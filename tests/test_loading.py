@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.group_head import signatures_match
-from model.loading import (
+from model.head.group_head import signatures_match
+from model.weights.loading import (
     ModelLoadError,
     embedded_gguf_path,
     load_model,
@@ -14,7 +14,7 @@ from model.loading import (
     weights_fingerprint,
     weights_signature,
 )
-from model.tiny import build_tiny_model
+from model.weights.tiny import build_tiny_model
 
 
 def test_local_directory_loads_with_its_tokenizer(tmp_path):

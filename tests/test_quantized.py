@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import kernels
-from model.engine import GroupedEngine, Member
-from model.gguf_blocks import Q4_1Linear, Q8_0Linear, quantize_q4_1, unpack_q4_1
-from model.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
+from model.engine.grouped_engine import GroupedEngine, Member
+from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat, question_messages
-from model.quantized import Int4PackLinear, OutputSlice, has_q4_1_linears, unpermute_rows
-from model.sampling import SamplingParams
+from model.weights import block_matmul
+from model.weights.formats import Int4PackLinear, OutputSlice, has_q4_1_linears, unpermute_rows
+from model.weights.gguf_blocks import Q4_1Linear, Q8_0Linear, quantize_q4_1, unpack_q4_1
+from model.weights.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
 from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
 
 
@@ -75,7 +75,7 @@ def engine_answers(loaded, groups: list[list[list[int]]], max_tokens: int) -> di
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int4", "int4 on torch's kernel"])
 def test_grouped_equals_alone_within_each_weight_format(weights, monkeypatch):
     if weights == "int4 on torch's kernel":  # what a CPU without AVX-512 VNNI runs
-        monkeypatch.setattr(kernels, "block_matmul_available", lambda: False)
+        monkeypatch.setattr(block_matmul, "available", lambda: False)
     loaded = load_model("tiny-random", device="cpu", weights=weights.split()[0])
     prompts = [encode_chat(loaded.tokenizer, question_messages(CONTEXTS[i % 2], q))
                for i, q in enumerate(QUESTIONS)]
@@ -108,7 +108,7 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
         if isinstance(packed.fused if isinstance(packed, OutputSlice) else packed, Q4_1Linear):
             assert torch.allclose(weights, dense, rtol=0, atol=1e-6 * scale)
     head = int4.model.get_output_embeddings()
-    assert isinstance(head, Q8_0Linear) == kernels.block_matmul_available()
+    assert isinstance(head, Q8_0Linear) == block_matmul.available()
     if isinstance(head, Q8_0Linear):  # the GGUF's Q8_0 LM head, tied to the embeddings
         dense = fp32.model.get_output_embeddings().weight
         assert torch.allclose(head.dequantized(), dense, rtol=0, atol=1e-6 * dense.abs().amax())

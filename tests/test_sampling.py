@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from model.sampling import SamplingParams, make_generator, sample_token
+from model.engine.sampling import SamplingParams, make_generator, sample_token
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 

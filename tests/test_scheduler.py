@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from model.request import Member, Status
+from model.engine.request import Member, Status
 from server.question import Question, QuestionStatus
 from server.scheduler import GroupingPolicy, GroupQueue, QueueFullError, Scheduler
 

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from model.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
-from model.loading import weights_signature
+from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model.weights.loading import weights_signature
 from server.__main__ import main
 from server.app import create_app
 from server.config import OPTIONS, Settings, SettingsError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.text_stream import TextStream
-from model.tiny import build_tiny_tokenizer
+from model.engine.text_stream import TextStream
+from model.weights.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

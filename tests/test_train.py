@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from bench import engine_bench
-from model.forward import DecoderForward
-from model.group_head import (
+from model.forward.decoder import DecoderForward
+from model.head.group_head import (
     CheckpointMismatchError,
     GroupHead,
     GroupHeadConfig,
     read_checkpoint_config,
 )
-from model.shipped_heads import shipped_checkpoint
-from model.tiny import build_tiny_model
+from model.head.shipped import shipped_checkpoint
+from model.weights.tiny import build_tiny_model
 from train.__main__ import main as train_main
 from train.data import Passage, Question, make_examples, read_squad
 from train.evaluate import bench_controls, heldout_generation
@@ -235,7 +235,7 @@ def test_heldout_generation_scores_every_control_with_the_bench_scores(tiny):
     assert results["untrained"]["G5"]["f1"] == results["base"]["G5"]["f1"]
 
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "model" / "checkpoints"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "model" / "head" / "checkpoints"
 
 
 def test_shipped_checkpoints_are_small_and_describe_themselves():
@@ -257,10 +257,10 @@ def test_shipped_checkpoints_are_small_and_describe_themselves():
 
 @pytest.mark.slow
 def test_shipped_checkpoint_loads_on_the_embedded_model_and_keeps_g1_answers():
-    from model.engine import GroupedEngine, Member
-    from model.loading import load_model, weights_signature
+    from model.engine.grouped_engine import GroupedEngine, Member
+    from model.engine.sampling import SamplingParams
     from model.prompts import encode_chat, extract_answer, question_messages
-    from model.sampling import SamplingParams
+    from model.weights.loading import load_model, weights_signature
 
     loaded = load_model()
     signature = weights_signature(loaded.model)

@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from model.cache import cache_dir
-from model.forward import DecoderForward
-from model.quantized import int4_kernel
-from model.teacher_forcing import teacher_forced_states
+from model.engine.teacher_forcing import teacher_forced_states
+from model.forward.decoder import DecoderForward
+from model.weights.formats import int4_kernel
 from train.data import Example
 
 FEATURES_VERSION = 2  # bump when the cached features change: their layout or how they are computed

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.group_head import GroupHead
+from model.head.group_head import GroupHead
 from train.features import Features
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.group_head import CROSS_ATTENTION_LAYERS, GroupHead, GroupHeadConfig
+from model.head.group_head import CROSS_ATTENTION_LAYERS, GroupHead, GroupHeadConfig
 from train.features import Features
 from train.loop import TrainSettings, train
 

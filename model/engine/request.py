@@ -8,7 +8,7 @@ import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from model.sampling import SamplingParams
+from model.engine.sampling import SamplingParams
 
 
 class EngineInputError(ValueError):

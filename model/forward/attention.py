@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import kernels
+from model.forward import cpu_kernels
 
 Extent = tuple[int, int]  # (first pool slot, number of slots)
 
@@ -102,8 +102,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            plan: AttentionPlan) -> torch.Tensor:
     """q: [T, Hq, D] (rotated) for the step's tokens, whose keys and values are already in the
     pool; keys / values: [Hkv, slots, D] of one layer. Returns [T, Hq, D]."""
-    if kernels.usable_for(q, q.shape[-1]):
-        return kernels.attend_spans(q, keys, values, *plan.span_extents, plan.scale)
+    if cpu_kernels.usable_for(q, q.shape[-1]):
+        return cpu_kernels.attend_spans(q, keys, values, *plan.span_extents, plan.scale)
     return _attend_with_torch(q, keys, values, plan)
 
 

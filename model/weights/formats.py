@@ -4,7 +4,7 @@ GGUF's own Q4_1 blocks.
 The CPU decode step is bound by reading weights, so smaller weights make it faster. int4 keeps
 the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file, and
 the LM head as the file's Q8_0 blocks. On a CPU with AVX-512 VNNI both are multiplied by the
-project's own kernel (`model.gguf_blocks`), which rounds activations to 8 bits per block as
+project's own kernel (`model.weights.gguf_blocks`), which rounds activations to 8 bits per block as
 llama.cpp does. Elsewhere, torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`) takes
 the linears, and the LM head is bf16: torch's kernel stores 4-bit values in groups of 32 with a
 bf16 scale and zero per group, dequantizing as (q - 8) * scale + zero, which is the Q4_1 block
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import kernels
-from model.gguf_blocks import (
+from model.weights import block_matmul
+from model.weights.gguf_blocks import (
     GROUP_SIZE,
     Q4_1Linear,
     Q8_0Linear,
@@ -33,7 +33,7 @@ from model.gguf_blocks import (
 )
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int4")
-AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see model.loading.resolve_weights
+AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see loading.resolve_weights
 WEIGHT_CHOICES = (AUTO_WEIGHTS, *WEIGHT_FORMATS)  # what --weights accepts
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
 GGUF_LINEARS = {
@@ -98,7 +98,7 @@ class Int4PackLinear(nn.Module):
 
 def int4_linear(raw: np.ndarray, bias: torch.Tensor | None = None) -> nn.Module:
     """The fastest int4 linear this CPU runs for Q4_1 rows: the project's kernel, or torch's."""
-    if kernels.block_matmul_available():
+    if block_matmul.available():
         return Q4_1Linear(raw, bias)
     return Int4PackLinear.from_q4_1(raw, bias)
 
@@ -106,7 +106,7 @@ def int4_linear(raw: np.ndarray, bias: torch.Tensor | None = None) -> nn.Module:
 def int4_kernel() -> str:
     """Which kernel multiplies int4 weights here: their activations' precision differs, so
     anything computed with int4 weights (training features) names it."""
-    return "q4_1-q8" if kernels.block_matmul_available() else "int4pack-bf16"
+    return "q4_1-q8" if block_matmul.available() else "int4pack-bf16"
 
 
 def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
@@ -165,7 +165,7 @@ def use_int4_head(model: nn.Module, q8_0_rows: np.ndarray | None) -> None:
     """The LM head of the int4 format: Q8_0 blocks on the quantized-block kernel (the GGUF's
     own, else quantized here), or bf16 where the kernel does not run. Tied to the input
     embeddings, it gets its own copy, and the embeddings stay as they are."""
-    if not kernels.block_matmul_available():
+    if not block_matmul.available():
         use_bf16_head(model)
         return
     head = model.get_output_embeddings()

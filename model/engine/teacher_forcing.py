@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
-from model.attention import AttentionPlan, Span
-from model.engine import shared_prefix_length
-from model.forward import DecoderForward, StepInputs
-from model.kv_pool import KVPool
+from model.engine.grouped_engine import shared_prefix_length
+from model.engine.kv_pool import KVPool
+from model.forward.attention import AttentionPlan, Span
+from model.forward.decoder import DecoderForward, StepInputs
 
 
 @torch.inference_mode()

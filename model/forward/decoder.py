@@ -15,16 +15,28 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model import kernels
-from model.attention import AttentionPlan, attend
-from model.kv_pool import PoolShape
-from model.quantized import joined_projection, split_projection
+from model.forward import cpu_kernels
+from model.forward.attention import AttentionPlan, attend
+from model.weights.formats import joined_projection, split_projection
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 class UnsupportedModelError(ValueError):
     """The engine's forward does not know this architecture."""
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """The KV pool this forward reads and writes: kv[layer, 0 = key | 1 = value, kv_head, slot,
+    head_dim]."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -79,7 +91,7 @@ class DecoderForward:
                             or config.hidden_size // config.num_attention_heads)
         self.scale = self.head_dim**-0.5
         if self.embed.weight.device.type == "cpu":
-            kernels.available()  # built (or found in the cache) now, not in the first request
+            cpu_kernels.available()  # built (or found in the cache) now, not in the first request
 
     @property
     def pool_shape(self) -> PoolShape:
@@ -95,13 +107,13 @@ class DecoderForward:
         # on a CPU in fp32, the C kernels: one call each for a norm, for rotating and storing
         # keys and values, and for attention (the torch ops they replace cost more in calls
         # than in arithmetic)
-        fast = kernels.usable_for(x, self.head_dim)
+        fast = cpu_kernels.usable_for(x, self.head_dim)
         norm = _kernel_norm if fast else _module_norm
         for index, block in enumerate(self.blocks):
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
             qkv = block.qkv(norm(block.input_norm, x))
             if fast:
-                q = kernels.rotate_and_store(qkv, cos, sin, keys, values, step.slots,
+                q = cpu_kernels.rotate_and_store(qkv, cos, sin, keys, values, step.slots,
                                              self.num_heads, self.head_dim)
             else:
                 q = self._rotate_and_store(qkv, cos, sin, keys, values, step.slots)
@@ -114,7 +126,7 @@ class DecoderForward:
     def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           keys: torch.Tensor, values: torch.Tensor,
                           slots: torch.Tensor) -> torch.Tensor:
-        """`kernels.rotate_and_store` in torch ops."""
+        """`cpu_kernels.rotate_and_store` in torch ops."""
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.num_heads * self.head_dim,
                              self.num_kv_heads * self.head_dim,
@@ -133,7 +145,7 @@ def _module_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+    return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@
  * instruction. Q4_1's q are the unsigned operand; for Q8_0 the activations are, shifted to
  * qx + 128, and the block's dot starts from -128 sum q to take the shift back.
  *
- * Weights are repacked at load time (model/gguf_blocks.py) so that one instruction serves 16
+ * Weights are repacked at load time (gguf_blocks.py) so that one instruction serves 16
  * output columns: for column group c and block b, 16 columns x 4 consecutive weights per 64
  * bytes (column lane i holds bytes 4i .. 4i + 3), in order of k.
  *   Q4_1: 4 pairs of 64 bytes; pair p holds q[32b + 8p + j] in the low nibble of byte 4i + j and

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from model.cache import cache_dir
-from model.quantized import (
+from model.weights.formats import (
     AUTO_WEIGHTS,
     WEIGHT_CHOICES,
     WEIGHT_FORMATS,
@@ -49,7 +49,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str  # the id clients use in the `model` field
-    weights: str = "fp32"  # the format of its linear layers (model.quantized)
+    weights: str = "fp32"  # the format of its linear layers (model.weights.formats)
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +108,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     gguf = None
     if spec == TINY_MODEL_NAME:
-        from model.tiny import build_tiny_model
+        from model.weights.tiny import build_tiny_model
 
         tiny = build_tiny_model()
         model, tokenizer, name = tiny.model.to(torch_device, torch_dtype), tiny.tokenizer, spec
@@ -226,7 +226,7 @@ SIGNATURE_SIZE = 64  # values sampled from each identifying tensor
 def weights_signature(model: PreTrainedModel) -> tuple[float, ...]:
     """Values at fixed places of the input embeddings and the final norm: what a group head
     checks its base model by. Unlike the fingerprint it survives loading the same weights in
-    another dtype (compared with `model.group_head.signatures_match`)."""
+    another dtype (compared with `model.head.group_head.signatures_match`)."""
     values: list[float] = []
     for tensor in _identifying_tensors(model):
         flat = tensor.detach().reshape(-1)

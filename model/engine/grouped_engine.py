@@ -24,14 +24,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from model.batch import Chunk, Group, PrefillJob, Row, build_step, extents
-from model.forward import DecoderForward
-from model.group_head import GroupHead
-from model.kv_pool import KVPool, SlotAllocator
-from model.prefix_cache import PrefixCache
-from model.request import EngineInputError, Member, Status, TokenEvent, Usage
-from model.sampling import make_generator, sample_token
-from model.text_stream import TextStream
+from model.engine.batch import Chunk, Group, PrefillJob, Row, build_step, extents
+from model.engine.kv_pool import KVPool, SlotAllocator
+from model.engine.prefix_cache import PrefixCache
+from model.engine.request import EngineInputError, Member, Status, TokenEvent, Usage
+from model.engine.sampling import make_generator, sample_token
+from model.engine.text_stream import TextStream
+from model.forward.decoder import DecoderForward
+from model.head.group_head import GroupHead
 
 __all__ = ["EngineInputError", "GroupedEngine", "Member", "TokenEvent", "Usage"]
 

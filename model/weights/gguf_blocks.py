@@ -1,5 +1,5 @@
 """A GGUF's quantized blocks of 32 weights: reading them, making them, and the linear layers
-that multiply by them with the C kernel (`model/block_matmul.c`, where the packed layouts are
+that multiply by them with the C kernel (`block_matmul.c`, where the packed layouts are
 described).
 
 Q4_1 (the embedded model's linears): w = d * q + m; fp16 d and m, then 16 bytes in which byte j
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import kernels
+from model.weights import block_matmul
 
 GROUP_SIZE = 32  # weights per block
 Q4_1_BYTES, Q8_0_BYTES = 20, 34  # one block in a GGUF
@@ -156,7 +156,7 @@ class BlockLinear(nn.Module):
     the C kernel: as in llama.cpp, each row of x is rounded to 8 bits per block of 32 (scale
     max |x| / 127), so a block's dot product is exact integer arithmetic. x and y are fp32, and
     each row's output depends on that row alone. Needs AVX-512 VNNI
-    (`kernels.block_matmul_available`)."""
+    (`block_matmul.available`)."""
 
     # set by each format: bytes of one GGUF block, its repacking and the way back to weights
     # ([N / 16, K / 32, bytes] -> [N padded, K] fp32), the kernel that multiplies it
@@ -196,10 +196,10 @@ class BlockLinear(nn.Module):
 class Q4_1Linear(BlockLinear):
     block_bytes = Q4_1_BYTES
     pack, unpack = staticmethod(pack_q4_1), staticmethod(unpack_packed_q4_1)
-    kernel = staticmethod(kernels.q4_1_matmul)
+    kernel = staticmethod(block_matmul.q4_1_matmul)
 
 
 class Q8_0Linear(BlockLinear):
     block_bytes = Q8_0_BYTES
     pack, unpack = staticmethod(pack_q8_0), staticmethod(unpack_packed_q8_0)
-    kernel = staticmethod(kernels.q8_0_matmul)
+    kernel = staticmethod(block_matmul.q8_0_matmul)

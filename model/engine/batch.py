@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.attention import AttentionPlan, Span
-from model.forward import StepInputs
-from model.prefix_cache import Job, Node
-from model.request import Member
-from model.text_stream import TextStream
+from model.engine.prefix_cache import Job, Node
+from model.engine.request import Member
+from model.engine.text_stream import TextStream
+from model.forward.attention import AttentionPlan, Span
+from model.forward.decoder import StepInputs
 
 _group_serials = itertools.count()
 

@@ -9,9 +9,10 @@ Extents come from `SlotAllocator`, a first-fit allocator that merges neighbourin
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 import torch
+
+from model.forward.decoder import PoolShape
 
 
 class SlotAllocator:
@@ -56,16 +57,6 @@ class SlotAllocator:
         if index > 0 and self._starts[index - 1] + self._lengths[index - 1] == start:
             self._lengths[index - 1] += self._lengths.pop(index)
             del self._starts[index]
-
-
-@dataclass(frozen=True)
-class PoolShape:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
 class KVPool:

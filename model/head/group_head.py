@@ -59,7 +59,7 @@ class GroupHeadConfig:
     vocab_size: int = 0  # the adapter's output size; needed when adapter_rank > 0
     use_csa: bool = True  # False: the LM-head adapter alone (the training control)
     base_model: str = ""
-    # values sampled from the base model's weights (model.loading.weights_signature); empty:
+    # values sampled from the base model's weights (model.weights.loading.weights_signature); empty:
     # not checked
     base_signature: tuple[float, ...] = ()
 
