@@ -1,6 +1,30 @@
-"""Shared fixtures: the tiny random model, and real HTTP servers around an app (in a thread)."""
+"""Shared fixtures: the tiny random model, the device the engine tests run on, and real HTTP
+servers around an app (in a thread).
+
+The engine tests against the unbatched reference run on the CPU, or on a GPU when asked:
+`pytest --device cuda [--dtype bfloat16]` (or GROUPWISE_TEST_DEVICE / GROUPWISE_TEST_DTYPE);
+without a GPU those are skipped. On the CPU the Triton kernels run in Triton's interpreter.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
+
+
+def _asked_device() -> str:
+    for index, argument in enumerate(sys.argv):
+        if argument == "--device" and index + 1 < len(sys.argv):
+            return sys.argv[index + 1]
+        if argument.startswith("--device="):
+            return argument.split("=", 1)[1]
+    return os.environ.get("GROUPWISE_TEST_DEVICE", "cpu")
+
+
+# Triton decides when a kernel is defined whether it runs in the interpreter, and importing
+# transformers imports Triton: so this is settled before anything else is imported.
+if _asked_device() == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import socket
 import threading
@@ -10,12 +34,34 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import pytest
+import torch
 import uvicorn
 
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat
 from model.weights.loading import LoadedModel, load_model
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("GROUPWISE_TEST_DEVICE", "cpu"),
+                     choices=["cpu", "cuda"], help="where the engine tests run (default cpu)")
+    parser.addoption("--dtype", default=os.environ.get("GROUPWISE_TEST_DTYPE", "float32"),
+                     choices=["float32", "bfloat16"], help="their dtype (default float32)")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device the engine tests run on (--device); a GPU asked for but absent skips them."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no GPU here")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    return getattr(torch, request.config.getoption("--dtype"))
 
 
 @pytest.fixture(scope="session")

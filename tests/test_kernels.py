@@ -6,6 +6,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from model.forward import cpu_kernels as kernels
+from model.forward.backends import TorchOps
 from model.forward.decoder import DecoderForward
 from model.weights.tiny import build_tiny_model
 
@@ -33,7 +34,8 @@ def test_rotate_and_store_matches_the_torch_ops():
     pools = [torch.zeros(kv_heads, 12, dim) for _ in range(4)]
     q_kernel = kernels.rotate_and_store(qkv, cos[0], sin[0], pools[0], pools[1], slots, heads,
                                         dim)
-    q_torch = forward._rotate_and_store(qkv, cos[0], sin[0], pools[2], pools[3], slots)
+    q_torch = TorchOps(heads, kv_heads, dim).rotate_and_store(qkv, cos[0], sin[0], pools[2],
+                                                              pools[3], slots)
     # the same products and sums, each rounded on its own: equal to the bit
     assert torch.equal(q_kernel, q_torch)
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])

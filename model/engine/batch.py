@@ -95,10 +95,10 @@ def extents(node: Node) -> tuple[tuple[int, int], ...]:
     return tuple(n.extent for n in node.path())
 
 
-def build_step(decode_rows: list[Row], chunks: list[Chunk], scale: float,
-               device: torch.device) -> tuple[StepInputs, list[Row]]:
-    """The forward's inputs for one step -> (inputs, decode rows in the order they run).
-    Decode rows come first, sorted by their cache path so that rows sharing a prefix are
+def build_step(decode_rows: list[Row], chunks: list[Chunk],
+               scale: float) -> tuple[StepInputs, list[Row]]:
+    """The forward's inputs for one step, on the CPU -> (inputs, decode rows in the order they
+    run). Decode rows come first, sorted by their cache path so that rows sharing a prefix are
     neighbours (attention finds their keys in cache); then each prefill chunk. Outputs: every
     decode row, then the last token of each chunk that completes a row's prompt."""
     paths = {row: row.leaf.path() for row in decode_rows}
@@ -122,9 +122,8 @@ def build_step(decode_rows: list[Row], chunks: list[Chunk], scale: float,
             outputs.append(len(token_ids) - 1)
 
     def tensor(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return torch.tensor(values, dtype=torch.long)
 
-    plan = AttentionPlan(tuple(spans), scale, device)
+    plan = AttentionPlan.of(spans, scale, num_decode_rows=len(rows))
     return StepInputs(tensor(token_ids), tensor(positions), tensor(slots), plan,
-                      tensor(outputs), len(rows)), rows
-
+                      tensor(outputs)), rows

@@ -164,8 +164,8 @@ class GroupedEngine:
         chunks = self._take_chunks()
         if not decode_rows and not chunks:
             return events
-        inputs, decode_rows = build_step(decode_rows, chunks, self.forward.scale, self.device)
-        hidden = self.forward(inputs, self.pool.kv)
+        inputs, decode_rows = build_step(decode_rows, chunks, self.forward.scale)
+        hidden = self.forward(inputs.to(self.device), self.pool.kv)
         ready = list(zip(decode_rows, hidden[: len(decode_rows)]))
         for row in decode_rows:
             row.num_fed += 1

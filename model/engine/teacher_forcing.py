@@ -41,10 +41,10 @@ def teacher_forced_states(forward: DecoderForward, groups: Sequence[Sequence[Seq
     pool = KVPool(forward.pool_shape, len(token_ids), forward.embed.weight.dtype, device)
 
     def tensor(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return torch.tensor(values, dtype=torch.long)
 
     # every token has its own pool slot, at its index in the step
     step = StepInputs(tensor(token_ids), tensor(positions), tensor(range(len(token_ids))),
-                      AttentionPlan(tuple(spans), forward.scale, device), tensor(outputs), 0)
-    states = forward(step, pool.kv)
+                      AttentionPlan.of(spans, forward.scale), tensor(outputs))
+    states = forward(step.to(device), pool.kv)
     return list(states.split([n for lasts in num_last for n in lasts]))

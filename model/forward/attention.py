@@ -1,27 +1,28 @@
 """Attention of one step's new tokens over the KV pool, planned once per step (`AttentionPlan`)
-and applied in every layer (`attend`).
+and applied in every layer by a backend (`model.forward.backends`): the C kernel on a CPU, the
+Triton kernels on a GPU, torch's path (here) elsewhere.
 
 A step's tokens come in spans: a decode row (one token) or a prefill chunk (consecutive tokens of
 one sequence). A span's tokens attend their sequence's earlier tokens, which sit in the pool as
 extents (the prefix-cache nodes on the sequence's path), then the sequence's own run of slots up
-to and including themselves.
+to and including themselves. Every kernel reads the spans as `SpanExtents`: no keys are
+gathered into a copy.
 
-On a CPU, the C kernel computes each token on its own in one fixed order of operations, so a
-token's output depends only on its query and its keys, never on the rest of the batch or on
-where the cache split its keys into nodes: batched and grouped decoding reproduce unbatched
-decoding bit for bit, in every weight format. Elsewhere (CUDA, or no C compiler) torch's
-attention over gathered keys: decode rows in one padded batch, each prefill chunk on its own.
+The kernels compute each token on its own, in a fixed order of operations over its keys in
+sequence order, so a token's output depends only on its query and its keys, never on the rest of
+the batch or on where the cache split its keys into nodes: batched and grouped decoding
+reproduce unbatched decoding bit for bit. Torch's path gathers the keys instead: decode rows
+in one padded batch, each chunk on its own.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from model.forward import cpu_kernels
 
 Extent = tuple[int, int]  # (first pool slot, number of slots)
 
@@ -42,25 +43,51 @@ class Span:
 
 
 @dataclass(frozen=True)
-class AttentionPlan:
-    spans: tuple[Span, ...]  # in step order, covering every token
-    scale: float
-    device: torch.device
+class SpanExtents:
+    """The spans' keys as the kernels read them (int64): span s is the step's tokens
+    tokens[s] .. tokens[s + 1] - 1; its first token attends extents firsts[s] .. firsts[s + 1] - 1
+    (starts, lengths) in order, and each next token one slot more of the last extent."""
 
-    @functools.cached_property
-    def span_extents(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The kernel's inputs: each span's first-token extents flattened (starts, lengths), where
-        each span's begin in them, and where each span's tokens begin in the step (both offsets
-        one longer than there are spans)."""
+    starts: torch.Tensor  # [E]
+    lengths: torch.Tensor  # [E]
+    firsts: torch.Tensor  # [S + 1]
+    tokens: torch.Tensor  # [S + 1]
+
+    @classmethod
+    def of(cls, spans: Sequence[Span]) -> SpanExtents:
         starts, lengths, firsts, tokens = [], [], [0], [0]
-        for span in self.spans:
+        for span in spans:
             for start, length in span.extents_of(0):
                 starts.append(start)
                 lengths.append(length)
             firsts.append(len(starts))
             tokens.append(span.offset + span.n)
-        return tuple(torch.tensor(values, dtype=torch.long) for values in
-                     (starts, lengths, firsts, tokens))
+        return cls(*(torch.tensor(values, dtype=torch.long)
+                     for values in (starts, lengths, firsts, tokens)))
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.starts, self.lengths, self.firsts, self.tokens
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    spans: tuple[Span, ...]  # in step order, covering every token; empty in a captured step
+    scale: float
+    extents: SpanExtents
+    num_decode_rows: int = 0  # the first spans are decode rows, one token each
+
+    @classmethod
+    def of(cls, spans: Sequence[Span], scale: float, num_decode_rows: int = 0) -> AttentionPlan:
+        return cls(tuple(spans), scale, SpanExtents.of(spans), num_decode_rows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.extents.starts.device
+
+    @functools.cached_property
+    def longest_chunk(self) -> int:
+        """Tokens in the longest span after the decode rows (the Triton kernels' launch grid)."""
+        return max((span.n for span in self.spans[self.num_decode_rows :]), default=0)
 
     @functools.cached_property
     def single_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -98,17 +125,10 @@ class AttentionPlan:
         return tuple(prepared)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-           plan: AttentionPlan) -> torch.Tensor:
+def attend_with_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      plan: AttentionPlan) -> torch.Tensor:
     """q: [T, Hq, D] (rotated) for the step's tokens, whose keys and values are already in the
     pool; keys / values: [Hkv, slots, D] of one layer. Returns [T, Hq, D]."""
-    if cpu_kernels.usable_for(q, q.shape[-1]):
-        return cpu_kernels.attend_spans(q, keys, values, *plan.span_extents, plan.scale)
-    return _attend_with_torch(q, keys, values, plan)
-
-
-def _attend_with_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       plan: AttentionPlan) -> torch.Tensor:
     out = torch.empty_like(q)
     if plan.single_tokens is not None:
         offsets, index, mask = plan.single_tokens

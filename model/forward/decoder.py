@@ -10,13 +10,14 @@ attention reads everything (old and new) from the pool.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from model.forward import cpu_kernels
-from model.forward.attention import AttentionPlan, attend
+from model.forward.attention import AttentionPlan, SpanExtents
+from model.forward.backends import TorchOps, ops_for
 from model.weights.formats import joined_projection, split_projection
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -46,7 +47,22 @@ class StepInputs:
     slots: torch.Tensor  # [T] pool slot where each token's key and value go
     plan: AttentionPlan
     output_index: torch.Tensor  # [N] which tokens' final hidden states are returned
-    num_decode_rows: int  # the first tokens are decode rows' (one each), the rest prompt tokens
+
+    @property
+    def num_decode_rows(self) -> int:
+        """The first tokens are decode rows' (one each), the rest prompt tokens."""
+        return self.plan.num_decode_rows
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same inputs on `device`, moved in one copy (each copy to a GPU costs a launch)."""
+        if device == self.token_ids.device:
+            return self
+        extents = self.plan.extents
+        parts = [self.token_ids, self.positions, self.slots, self.output_index,
+                 *extents.as_tuple()]
+        moved = torch.cat(parts).to(device).split([len(part) for part in parts])
+        plan = replace(self.plan, extents=SpanExtents(*moved[4:]))
+        return StepInputs(*moved[:3], plan, moved[3])
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ class DecoderForward:
         self.head_dim = int(getattr(config, "head_dim", None)
                             or config.hidden_size // config.num_attention_heads)
         self.scale = self.head_dim**-0.5
+        self.gated_silu = getattr(config, "hidden_act", None) in ("silu", "swish")
+        self._ops: dict[tuple, TorchOps] = {}
         if self.embed.weight.device.type == "cpu":
             cpu_kernels.available()  # built (or found in the cache) now, not in the first request
 
@@ -97,59 +115,30 @@ class DecoderForward:
     def pool_shape(self) -> PoolShape:
         return PoolShape(len(self.blocks), self.num_kv_heads, self.head_dim)
 
+    def ops(self, x: torch.Tensor) -> TorchOps:
+        """The backend for a step whose activations are x (see `model.forward.backends`)."""
+        key = (x.device, x.dtype)
+        if key not in self._ops:
+            self._ops[key] = ops_for(x, self.num_heads, self.num_kv_heads, self.head_dim,
+                                     self.gated_silu)
+        return self._ops[key]
+
     @torch.inference_mode()
     def __call__(self, step: StepInputs, kv: torch.Tensor) -> torch.Tensor:
-        """kv: the pool tensor [layers, 2, Hkv, slots, D]. Returns the final normed hidden
-        states of the tokens in `step.output_index`, [N, d]."""
+        """kv: the pool tensor [layers, 2, Hkv, slots, D]; step: on kv's device. Returns the
+        final normed hidden states of the tokens in `step.output_index`, [N, d]."""
         x = self.embed(step.token_ids)  # [T, d]
+        ops = self.ops(x)
         cos, sin = self.rotary(x, step.positions[None])  # [1, T, D] each
         cos, sin = cos[0], sin[0]
-        # on a CPU in fp32, the C kernels: one call each for a norm, for rotating and storing
-        # keys and values, and for attention (the torch ops they replace cost more in calls
-        # than in arithmetic)
-        fast = cpu_kernels.usable_for(x, self.head_dim)
-        norm = _kernel_norm if fast else _module_norm
+        delta = None  # each block's last output, added to x by the next norm
         for index, block in enumerate(self.blocks):
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
-            qkv = block.qkv(norm(block.input_norm, x))
-            if fast:
-                q = cpu_kernels.rotate_and_store(qkv, cos, sin, keys, values, step.slots,
-                                             self.num_heads, self.head_dim)
-            else:
-                q = self._rotate_and_store(qkv, cos, sin, keys, values, step.slots)
-            out = attend(q, keys, values, step.plan)
-            x = x + block.o_proj(out.reshape(x.shape[0], -1))
-            gate, up = block.gate_up(norm(block.post_norm, x))
-            x = x + block.down_proj(block.act_fn(gate) * up)
-        return norm(self.norm, x[step.output_index])
-
-    def _rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          keys: torch.Tensor, values: torch.Tensor,
-                          slots: torch.Tensor) -> torch.Tensor:
-        """`cpu_kernels.rotate_and_store` in torch ops."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.num_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim], dim=-1)
-        cos, sin = cos[:, None], sin[:, None]
-        q = _rotate(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = _rotate(k.reshape(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        keys.index_copy_(1, slots, k.transpose(0, 1))
-        values.index_copy_(1, slots, v.reshape(num_tokens, self.num_kv_heads,
-                                               self.head_dim).transpose(0, 1))
-        return q
-
-
-def _module_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return norm(x)
-
-
-def _kernel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, as transformers' `apply_rotary_pos_emb` (rotate-half form)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+            x, h = ops.add_norm(x, delta, block.input_norm)
+            q = ops.rotate_and_store(block.qkv(h), cos, sin, keys, values, step.slots)
+            out = ops.attend(q, keys, values, step.plan)
+            x, h = ops.add_norm(x, block.o_proj(out.reshape(x.shape[0], -1)), block.post_norm)
+            gate, up = block.gate_up(h)
+            delta = block.down_proj(ops.gated(gate, up, block.act_fn))
+        x = x[step.output_index] + delta[step.output_index]
+        return ops.norm(x, self.norm)
