@@ -28,8 +28,11 @@ QUESTIONS = ["Who sat?", "Where did the dog sleep, and why there?", "What?", "Is
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_model()
+def tiny(device, dtype):
+    """The tiny model on the test device, in the test dtype (conftest: --device, --dtype)."""
+    tiny = build_tiny_model()
+    tiny.model.to(device, dtype)
+    return tiny
 
 
 def prompts_for(tiny, context: str, count: int) -> list[list[int]]:
@@ -41,7 +44,7 @@ def reference_greedy(model, prompt: list[int], max_tokens: int, stop_ids: set[in
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(max_tokens):
-            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            token = int(model(torch.tensor([ids], device=model.device)).logits[0, -1].argmax())
             out.append(token)
             ids.append(token)
             if token in stop_ids:

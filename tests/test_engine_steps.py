@@ -12,14 +12,16 @@ from model.engine.grouped_engine import EngineInputError, GroupedEngine, Member
 from model.engine.sampling import SamplingParams
 from model.forward.decoder import PoolShape
 from model.prompts import encode_chat, question_messages
+from model.weights.tiny import build_tiny_model
 from tests.test_engine import CONTEXTS, QUESTIONS, prompts_for, reference_greedy, run
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from model.weights.tiny import build_tiny_model
-
-    return build_tiny_model()
+def tiny(device, dtype):
+    """The tiny model on the test device, in the test dtype (conftest: --device, --dtype)."""
+    tiny = build_tiny_model()
+    tiny.model.to(device, dtype)
+    return tiny
 
 
 def expected(tiny, engine, member) -> list[int]:
@@ -225,7 +227,7 @@ def test_a_request_is_admitted_when_exactly_its_worst_case_fits(tiny):
     assert run(engine, [[member]])[member]["ids"] == expected(tiny, engine, member)
 
 
-def test_qwen2_with_its_q_k_v_biases_decodes_as_the_reference():
+def test_qwen2_with_its_q_k_v_biases_decodes_as_the_reference(device, dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from model.weights.tiny import build_tiny_tokenizer
@@ -242,6 +244,7 @@ def test_qwen2_with_its_q_k_v_biases_decodes_as_the_reference():
         for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj,
                            layer.self_attn.v_proj):
             torch.nn.init.normal_(projection.bias, std=1.0)
+    qwen.to(device, dtype)
     engine = GroupedEngine(qwen, tokenizer)
     group = members([encode_chat(tokenizer, question_messages(CONTEXTS[0], q))
                      for q in QUESTIONS[:3]])

@@ -30,13 +30,17 @@ from model.engine.prefix_cache import PrefixCache
 from model.engine.request import EngineInputError, Member, Status, TokenEvent, Usage
 from model.engine.sampling import make_generator, sample_token
 from model.engine.text_stream import TextStream
-from model.forward.decoder import DecoderForward
+from model.forward.cuda_graphs import DecodeGraphs
+from model.forward.decoder import DecoderForward, StepInputs
 from model.head.group_head import GroupHead
 
 __all__ = ["EngineInputError", "GroupedEngine", "Member", "TokenEvent", "Usage"]
 
 DEFAULT_KV_CACHE_MB = {"cpu": 1024, "cuda": 8192}
-DEFAULT_MAX_PREFILL_TOKENS = 512
+# prompt tokens per step: on a GPU a step of 512 tokens mostly pays for its launches
+DEFAULT_MAX_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
+# decode steps of up to this many rows replay a captured CUDA graph (model.forward.cuda_graphs)
+DEFAULT_DECODE_GRAPH_ROWS = {"cpu": 0, "cuda": 128}
 POOL_CONTEXTS = 16  # a default pool never holds more than this many full contexts
 
 
@@ -54,8 +58,10 @@ class GroupedEngine:
     """Not thread-safe: one thread calls `add` and `step`; `Member.abort` is safe from any."""
 
     def __init__(self, model, tokenizer, csa: GroupHead | None = None, *,
-                 kv_cache_mb: float | None = None,
-                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+                 kv_cache_mb: float | None = None, max_prefill_tokens: int | None = None,
+                 decode_graph_rows: int | None = None):
+        """None: the device's default (DEFAULT_*). `decode_graph_rows` 0 turns the decode
+        graphs off; on a CPU a positive value runs their padded steps eagerly."""
         self.model = model
         self.tokenizer = tokenizer
         self.csa = csa.to(model.device, model.dtype) if csa is not None else None
@@ -64,8 +70,10 @@ class GroupedEngine:
         self.max_context = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer))
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens or _per_device(DEFAULT_MAX_PREFILL_TOKENS,
+                                                                    self.device)
         self.pool = self._make_pool(kv_cache_mb)
+        self.graphs = self._make_graphs(decode_graph_rows)
         self.cache = PrefixCache(self.pool.slots)
         self._waiting: deque[Group] = deque()
         self._running: list[Group] = []
@@ -80,6 +88,14 @@ class GroupedEngine:
         megabytes = DEFAULT_KV_CACHE_MB.get(self.device.type, DEFAULT_KV_CACHE_MB["cpu"])
         capacity = int(megabytes * 2**20) // shape.bytes_per_token(dtype)
         return KVPool(shape, min(capacity, POOL_CONTEXTS * self.max_context), dtype, self.device)
+
+    def _make_graphs(self, max_rows: int | None) -> DecodeGraphs | None:
+        if max_rows is None:
+            max_rows = _per_device(DEFAULT_DECODE_GRAPH_ROWS, self.device)
+        if max_rows <= 0 or not self.forward.can_replay:
+            return None
+        return DecodeGraphs(self.forward, self.pool.kv, self.pool.scratch_slot, max_rows,
+                            capture=self.device.type == "cuda")
 
     @property
     def device(self) -> torch.device:
@@ -165,7 +181,7 @@ class GroupedEngine:
         if not decode_rows and not chunks:
             return events
         inputs, decode_rows = build_step(decode_rows, chunks, self.forward.scale)
-        hidden = self.forward(inputs.to(self.device), self.pool.kv)
+        hidden = self.run_forward(inputs)
         ready = list(zip(decode_rows, hidden[: len(decode_rows)]))
         for row in decode_rows:
             row.num_fed += 1
@@ -182,6 +198,12 @@ class GroupedEngine:
         self._jobs = deque(j for j in self._jobs if not (j.is_done or _is_dropped(j)))
         ready += self._starting_rows()
         return events + self._sample(ready)
+
+    def run_forward(self, inputs: StepInputs) -> torch.Tensor:
+        """One step's forward (host-side inputs): replayed from a graph when it can be."""
+        if self.graphs is not None and self.graphs.fits(inputs):
+            return self.graphs.run(inputs)
+        return self.forward(inputs.to(self.device), self.pool.kv)
 
     def _admit(self) -> None:
         while self._waiting and self._try_admit(self._waiting[0]):
@@ -386,6 +408,10 @@ def _is_dropped(job: PrefillJob) -> bool:
 
 def _is_done(group: Group) -> bool:
     return all(r.is_finished for r in group.rows)
+
+
+def _per_device(defaults: dict[str, int], device: torch.device) -> int:
+    return defaults.get(device.type, defaults["cpu"])
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -66,10 +66,16 @@ class KVPool:
             raise ValueError(f"the KV pool needs at least one slot, got {capacity}")
         self.shape = shape
         self.capacity = capacity
-        # zeros, not empty: the memory is touched now, so the process does not grow under load
-        self.kv = torch.zeros(shape.num_layers, 2, shape.num_kv_heads, capacity, shape.head_dim,
-                              dtype=dtype, device=device)
+        # one slot more than the allocator hands out: the scratch slot, where the padding rows
+        # of a captured decode step write (model.forward.cuda_graphs). zeros, not empty: the
+        # memory is touched now, so the process does not grow under load
+        self.kv = torch.zeros(shape.num_layers, 2, shape.num_kv_heads, capacity + 1,
+                              shape.head_dim, dtype=dtype, device=device)
         self.slots = SlotAllocator(capacity)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.capacity
 
     @classmethod
     def with_megabytes(cls, shape: PoolShape, megabytes: float, dtype: torch.dtype,

@@ -19,6 +19,9 @@ from model.forward.attention import AttentionPlan, attend_with_torch
 class TorchOps:
     """transformers' own arithmetic, op by op: what the other backends are checked against."""
 
+    # whether attention needs nothing but the plan's extents (a captured step has no spans)
+    reads_extents_only = False
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
@@ -59,6 +62,8 @@ class TorchOps:
 class CpuKernels(TorchOps):
     """fp32 on a CPU: attention, the norm and rotary + store in C (`cpu_kernels.c`)."""
 
+    reads_extents_only = True
+
     def attend(self, q, keys, values, plan) -> torch.Tensor:
         return cpu_kernels.attend_spans(q, keys, values, *plan.extents.as_tuple(), plan.scale)
 
@@ -71,7 +76,9 @@ class CpuKernels(TorchOps):
 
 
 class TritonKernels(TorchOps):
-    """On a GPU: each op one Triton kernel (`triton_ops`)."""
+    """On a GPU: each op one Triton kernel (`triton_ops`, `triton_attention`)."""
+
+    reads_extents_only = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, gated_silu: bool):
         super().__init__(num_heads, num_kv_heads, head_dim)

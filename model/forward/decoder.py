@@ -115,6 +115,12 @@ class DecoderForward:
     def pool_shape(self) -> PoolShape:
         return PoolShape(len(self.blocks), self.num_kv_heads, self.head_dim)
 
+    @property
+    def can_replay(self) -> bool:
+        """Whether a step on the model's device and dtype can be captured (and replayed): its
+        backend reads the attention plan's extents alone (model.forward.cuda_graphs)."""
+        return self.ops(self.embed.weight[:0]).reads_extents_only
+
     def ops(self, x: torch.Tensor) -> TorchOps:
         """The backend for a step whose activations are x (see `model.forward.backends`)."""
         key = (x.device, x.dtype)
