@@ -141,3 +141,33 @@ def test_auto_keeps_the_weights_of_a_gguf_whose_linears_are_not_q4_1(tmp_path):
     assert not has_q4_1_linears(path)
     assert has_q4_1_linears(embedded_gguf_path())
     assert resolve_weights("auto", torch.device("cpu"), torch.float32, path) == "fp32"
+
+
+def test_stacked_linears_compute_what_the_separate_ones_do(device, dtype):
+    """The GPU's as-loaded format: q / k / v (with Qwen2's biases) and gate / up each one
+    matmul; transformers' forward and the engine give what the separate linears gave."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from model.weights.formats import use_stacked_linears
+    from model.weights.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id)).eval().requires_grad_(False).to(device, dtype)
+    for layer in qwen.model.layers:
+        torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=1.0)
+    prompt = encode_chat(tokenizer, question_messages(CONTEXTS[0], QUESTIONS[1]))
+    ids = torch.tensor([prompt], device=device)
+    before = qwen(ids).logits
+    answer = reference_greedy(qwen, prompt, 6, set())
+    use_stacked_linears(qwen)
+    attention = qwen.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, OutputSlice)
+    assert attention.q_proj.fused is attention.v_proj.fused
+    assert torch.allclose(qwen(ids).logits.float(), before.float(), atol=1e-4, rtol=1e-3)
+    member = Member(prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    engine = GroupedEngine(qwen, tokenizer)
+    assert [e.token_id for e in engine.generate([[member]])] == answer

@@ -32,7 +32,7 @@ from model.weights.gguf_blocks import (
     unpack_q4_1,
 )
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int4")
+WEIGHT_FORMATS = ("fp32", "bf16", "int4")  # fp32: the weights as loaded, in --dtype
 AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see loading.resolve_weights
 WEIGHT_CHOICES = (AUTO_WEIGHTS, *WEIGHT_FORMATS)  # what --weights accepts
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
@@ -174,6 +174,23 @@ def use_int4_head(model: nn.Module, q8_0_rows: np.ndarray | None) -> None:
     model.set_output_embeddings(Q8_0Linear(q8_0_rows, head.bias))
 
 
+def use_stacked_linears(model: nn.Module) -> None:
+    """The weights as loaded, with q / k / v and gate / up stacked into one linear each: on a
+    GPU one matmul reads them instead of three and two (and one kernel launch serves)."""
+    _replace_linears(model, lambda index, names, linears: linears[0] if len(linears) == 1
+                     else _stacked_linear(linears))
+
+
+def _stacked_linear(linears: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = _joined_bias(linears)
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        stacked.bias = nn.Parameter(bias, requires_grad=False)
+    return stacked
+
+
 def use_bf16_linears(model: nn.Module) -> None:
     """Every linear of the decoder layers, and the LM head, in bf16."""
     _replace_linears(model, lambda index, names, linears: Bf16Linear(
@@ -257,4 +274,4 @@ def _joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
     if all(linear.bias is None for linear in linears):
         return None
     return torch.cat([linear.bias if linear.bias is not None
-                      else torch.zeros(linear.out_features) for linear in linears])
+                      else linear.weight.new_zeros(linear.out_features) for linear in linears])

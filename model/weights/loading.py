@@ -32,6 +32,7 @@ from model.weights.formats import (
     use_bf16_linears,
     use_int4_from_gguf,
     use_int4_quantized,
+    use_stacked_linears,
 )
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -136,7 +137,8 @@ def load_model(
 
 def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
                     gguf: Path | None) -> str:
-    """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA). bf16 and int4 are CPU
+    """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA, where q / k / v and
+    gate / up are stacked into one matmul each). bf16 and int4 are CPU
     formats (torch's fast kernels for them are the CPU ones); int4 comes from a GGUF's own Q4_1
     blocks when the model is one, else from quantizing the loaded weights. auto: int4 for a
     GGUF of Q4_1 linears on a CPU (the embedded model: no quantization beyond the file's own,
@@ -155,7 +157,9 @@ def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
 
 
 def apply_weights(model: PreTrainedModel, weights: str, gguf: Path | None) -> None:
-    if weights == "bf16":
+    if weights == "fp32" and model.device.type == "cuda":
+        use_stacked_linears(model)
+    elif weights == "bf16":
         use_bf16_linears(model)
     elif weights == "int4" and gguf is not None:
         try:
