@@ -135,6 +135,23 @@ def load_model(
     return LoadedModel(model, tokenizer, name, chosen)
 
 
+def load_tokenizer(spec: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer alone of a model `load_model` takes, or of a directory of tokenizer
+    files."""
+    if spec == TINY_MODEL_NAME:
+        from model.weights.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
+        spec = str(_converted_gguf(embedded_gguf_path()))
+    elif spec.endswith(".gguf"):
+        spec = str(_converted_gguf(Path(spec).expanduser()))
+    try:
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(spec))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {spec!r}: {exc}") from exc
+
+
 def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
                     gguf: Path | None) -> str:
     """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA, where q / k / v and

@@ -1,0 +1,33 @@
+"""bench.step: the decode-step bench runs on random weights of a known shape, and its bound
+counts the bytes a step reads."""
+
+from __future__ import annotations
+
+import json
+
+from bench import step
+from model.weights.shapes import build_random_model
+from model.weights.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+def test_weight_bytes_count_the_input_embeddings_only_when_they_are_the_lm_head():
+    def every(model) -> int:  # parameters (a tied one once) and buffers (rotary frequencies)
+        return sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+
+    tied = build_tiny_model().model
+    assert step.weight_bytes(tied) == every(tied)
+    untied = build_random_model("qwen2-tiny", build_tiny_tokenizer(), "cpu", tied.dtype).model
+    assert step.weight_bytes(untied) == every(untied) - untied.get_input_embeddings().weight.nbytes
+
+
+def test_the_bench_times_a_random_shape_and_writes_its_report(tmp_path, capsys):
+    report_file = tmp_path / "step.json"
+    step.main(["--shape", "qwen2-tiny", "--tokenizer", "tiny-random", "--device", "cpu",
+               "--rows", "1,2", "--steps", "2", "--prefill-tokens", "300",
+               "--json", str(report_file)])
+    report = json.loads(report_file.read_text())
+    assert [row["rows"] for row in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["engine_ms"] > 0 and row["bound_ms"] > 0
+    assert report["long_prefill"]["tokens"] == 300 and report["long_prefill"]["tokens_per_s"] > 0
+    assert "| 2 |" in capsys.readouterr().out
