@@ -1,17 +1,21 @@
 #!/bin/sh
-# The system tools the deployment tests drive: nginx (the router) and docker-compose 1.29
-# (validates the compose files without a Docker engine). Installs only what is missing, with
-# apt-get, as root; as any other user it says what is missing and how to install it.
+# The system tools the tests drive: nginx (the router) and docker-compose 1.29 (validates the
+# compose files without a Docker engine) for the deployment tests, and Debian's chromium for
+# the playground's browser tests (Playwright drives it; it downloads no browser of its own).
+# Installs only what is missing, with apt-get, as root; as any other user it says what is
+# missing and how to install it.
 set -eu
 
 missing=""
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     cat >&2 <<MESSAGE
-The deployment tests (tests/test_deploy_*.py) need nginx and docker-compose; missing:$missing.
+The deployment tests (tests/test_deploy_*.py) need nginx and docker-compose, and the
+playground's browser tests need chromium; missing:$missing.
 Install them, then run \`make test\` again. On Debian or Ubuntu:
 
     sudo apt-get install -y --no-install-recommends$missing

@@ -18,6 +18,7 @@ from server.config import Settings
 from server.errors import install_error_handlers
 from server.gate import RequestGate
 from server.middleware import ServingMiddleware
+from server.playground import playground
 from server.scheduler import GroupingPolicy, Scheduler
 from server.services import Services, build_services
 from server.worker import EngineWorker
@@ -40,6 +41,8 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> F
     app.state.services = services
     app.include_router(v1)
     app.include_router(plain)
+    if settings.playground:
+        app.include_router(playground)
     install_error_handlers(app)
     # the gate runs inside the serving layer, so its 401 / 413 replies are counted too
     app.add_middleware(RequestGate, api_keys=settings.api_keys,

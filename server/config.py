@@ -48,6 +48,7 @@ class Settings:
     body_timeout_s: float = 30.0  # to send the body after the headers
     max_connections: int = 1024  # open connections and requests; beyond it: 503
     replica_name: str = field(default_factory=socket.gethostname)
+    playground: bool = True  # the browser page at /playground (/ redirects to it)
 
     def __post_init__(self):
         _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
@@ -128,6 +129,12 @@ def _optional_text(raw: str) -> str | None:
     return raw or None
 
 
+def _on_off(raw: str) -> bool:
+    if raw.lower() not in ("on", "off"):
+        raise ValueError(raw)
+    return raw.lower() == "on"
+
+
 OPTIONS = (
     Option("host", "--host", "GROUPWISE_HOST", str, "a host", "address to bind"),
     Option("port", "--port", "GROUPWISE_PORT", int, "an integer", "port to bind"),
@@ -171,6 +178,8 @@ OPTIONS = (
            "an integer", "most open connections and requests; beyond it: 503 (default 1024)"),
     Option("replica_name", "--replica-name", "GROUPWISE_REPLICA_NAME", str, "a name",
            "sent in the X-Groupwise-Replica header (default: the host name)"),
+    Option("playground", "--playground", "GROUPWISE_PLAYGROUND", _on_off, "on or off",
+           "the browser playground at /playground, / redirecting to it: on (default) or off"),
 )
 
 

@@ -76,6 +76,12 @@ def test_a_wheel_installed_in_a_fresh_virtualenv_runs_the_bench_on_the_shipped_d
     for path in (selection_file, model_init):
         assert path.is_relative_to(tmp_path / "venv") and not path.is_relative_to(REPO), path
 
+    shipped = run(python, "-c", "from server.playground import ASSETS, STATIC; "
+                  "print(STATIC / 'playground.html', *(STATIC / name for name in ASSETS))",
+                  cwd=elsewhere)
+    for path in map(Path, shipped.stdout.split()):  # the playground page's files
+        assert path.is_file() and path.is_relative_to(tmp_path / "venv"), path
+
     report_path = elsewhere / "bench.json"
     bench = run(python, "-m", "bench.engine_bench", "--contexts", "1", "--group-sizes", "1",
                 "--model", "tiny-random", "--json", report_path, cwd=elsewhere, timeout=300)
