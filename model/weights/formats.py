@@ -207,14 +207,19 @@ def use_bf16_head(model: nn.Module) -> None:
 
 class OutputSlice(nn.Module):
     """Columns [start, end) of a fused projection's output: q, k and v (and gate and up) share
-    one matmul, one read of the activations and one kernel call; calling a slice alone (as
-    transformers' own forward does) computes the whole projection and keeps its part."""
+    one matmul, one read of the activations and one kernel call. Called alone (as
+    transformers' own forward calls it), a slice of stacked plain weights multiplies by its own
+    rows of them; of another format it computes the whole projection and keeps its part."""
 
     def __init__(self, fused: nn.Module, start: int, end: int):
         super().__init__()
         self.fused, self.start, self.end = fused, start, end
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.fused) is nn.Linear:
+            bias = self.fused.bias
+            return nn.functional.linear(x, self.fused.weight[self.start : self.end],
+                                        None if bias is None else bias[self.start : self.end])
         return self.fused(x)[..., self.start : self.end]
 
 
