@@ -45,6 +45,7 @@ from bench.squad import (
     score_answer,
 )
 from bench.squad_http import (
+    WARMUP_MESSAGES,
     ServerError,
     _cached_tokens,
     _raise_for_status,
@@ -55,7 +56,6 @@ from model.prompts import question_messages
 
 SCENARIOS = ("burst", "trickle", "mixed", "rate")
 LONG_SYSTEM_PROMPT = "You are a helpful assistant."
-WARMUP_MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
 # A request whose answer is long by nature (measured: both servers write until max_tokens;
