@@ -538,9 +538,12 @@ def write_result(path: str | Path, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the module's docstring in full: its examples and the scenarios' descriptions
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="server root, e.g. http://localhost:8000")
-    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--scenario", required=True, choices=SCENARIOS,
+                        help="the traffic pattern (described above)")
     parser.add_argument("--contexts", type=_positive(int), default=8,
                         help="passages of 5 questions (default 8; rate: see --num-requests)")
     parser.add_argument("--context-offset", type=int, default=0,
