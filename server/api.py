@@ -30,6 +30,9 @@ STARTING = "the server is starting: the model is loading; retry shortly"
 
 
 async def require_model(services: ServicesDep) -> None:
+    if services.load_error is not None:
+        raise APIError(503, "the model could not be loaded (the server's log says why)",
+                       code="load_failed")
     if not services.is_loaded:
         raise APIError(503, STARTING, code="starting")
 

@@ -82,7 +82,7 @@ class Settings:
     def check_files(self) -> None:
         """The files the settings name exist: checked before the model loads, so a mistyped
         path is refused at once rather than after the load."""
-        if self.csa.lower() not in (*CSA_OFF, CSA_AUTO):
+        if not self.is_csa_off and self.csa.lower() != CSA_AUTO:
             checkpoint = Path(self.csa).expanduser()
             _require((checkpoint / CSA_CONFIG_FILE).is_file(), "csa",
                      f"no CSA checkpoint at {checkpoint} (missing {CSA_CONFIG_FILE})")

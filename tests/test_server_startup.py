@@ -84,6 +84,24 @@ def test_the_port_answers_503_starting_until_the_model_is_loaded(serve, held_loa
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_a_failed_load_turns_health_to_failed(serve, monkeypatch):
+    """`python -m server` then exits with the reason (test_server_config.py); an app served
+    some other way keeps saying why it cannot serve."""
+    def fail(services, loaded=None):
+        raise FileNotFoundError("no model here")
+
+    monkeypatch.setattr(Services, "load", fail)
+    app = create_app(Settings(**TEST_SETTINGS))
+    server = serve(app)
+    deadline = time.monotonic() + 30
+    while app.state.services.load_error is None:
+        assert time.monotonic() < deadline, "the load never failed"
+        time.sleep(0.01)
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503 and health.json() == {"status": "failed", "model": None}
+    assert httpx.get(f"{server.v1}/models").json()["error"]["code"] == "load_failed"
+
+
 @pytest.mark.parametrize(
     ("args", "status", "says"),
     [
