@@ -45,6 +45,7 @@ from bench.squad import (
     score_answer,
 )
 from bench.squad_http import (
+    WARMUP_MESSAGES,
     ServerError,
     _cached_tokens,
     _raise_for_status,
@@ -55,7 +56,6 @@ from model.prompts import question_messages
 
 SCENARIOS = ("burst", "trickle", "mixed", "rate")
 LONG_SYSTEM_PROMPT = "You are a helpful assistant."
-WARMUP_MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
 # A request whose answer is long by nature (measured: both servers write until max_tokens;
@@ -538,9 +538,12 @@ def write_result(path: str | Path, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the module's docstring in full: its examples and the scenarios' descriptions
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True, help="server root, e.g. http://localhost:8000")
-    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--scenario", required=True, choices=SCENARIOS,
+                        help="the traffic pattern (described above)")
     parser.add_argument("--contexts", type=_positive(int), default=8,
                         help="passages of 5 questions (default 8; rate: see --num-requests)")
     parser.add_argument("--context-offset", type=int, default=0,

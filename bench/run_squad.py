@@ -9,6 +9,10 @@ Questions: SQuAD v1.1 dev contexts with >= 5 questions, shuffled with --seed, th
 --contexts, their first 5 questions (`bench/squad.py`). For each group size G the groups run
 one after another as fast as --concurrency allows; the tables give scores, prompt tokens billed
 and computed (from the server's usage), latency per group, wall time and cost.
+
+As in the research, grouping is compared with independent requests: each group sends its own
+`cache_salt`, so it shares computation only within itself, never through what earlier groups
+left in the server's prefix cache (--share-cache lets the groups of one G share it).
 """
 
 # ruff: noqa: E402  (the path fix must run before the `bench` imports)
@@ -41,6 +45,7 @@ from bench.squad_http import (
     ask_chat,
     ask_grouped,
     fetch_model_id,
+    warm_up,
 )
 
 
@@ -53,6 +58,11 @@ class Bench:
     slots: RequestSlots
     mode: str
     run_id: str
+    share_cache: bool = False  # one cache_salt per group size instead of one per group
+
+    def cache_salt(self, size: int, group_index: int) -> str:
+        """Fresh per run, so nothing an earlier run left on the server is found."""
+        return f"{self.run_id}-g{size}" + ("" if self.share_cache else f"-{group_index}")
 
 
 def request_batches(group: Group, mode: str) -> list[list[Question]]:
@@ -67,7 +77,7 @@ def request_batches(group: Group, mode: str) -> list[list[Question]]:
 
 
 async def run_group(
-    bench: Bench, group: Group, group_id: str, progress: Progress | None
+    bench: Bench, group: Group, group_id: str, cache_salt: str, progress: Progress | None
 ) -> tuple[list[Reply], float, int]:
     """Sends all requests of a group together -> (replies in group order, latency, requests).
     Latency runs from sending the first request to receiving the last answer."""
@@ -78,9 +88,10 @@ async def run_group(
     async def send(batch: list[Question]) -> list[Reply]:
         try:
             if bench.mode == "chat":
-                replies = [await ask_chat(bench.client, bench.settings, batch[0], group_id)]
+                replies = [await ask_chat(bench.client, bench.settings, batch[0], group_id,
+                                          cache_salt)]
             else:
-                replies = await ask_grouped(bench.client, bench.settings, batch)
+                replies = await ask_grouped(bench.client, bench.settings, batch, cache_salt)
         finally:
             await bench.slots.release()
         if progress:
@@ -100,7 +111,8 @@ async def run_group_size(bench: Bench, groups: list[Group], size: int, prices: P
     started = time.perf_counter()
     async with asyncio.TaskGroup() as tasks:
         sent = [
-            tasks.create_task(run_group(bench, group, f"{bench.run_id}-g{size}-{index}", progress))
+            tasks.create_task(run_group(bench, group, f"{bench.run_id}-g{size}-{index}",
+                                        bench.cache_salt(size, index), progress))
             for index, group in enumerate(groups)
         ]
     wall = time.perf_counter() - started
@@ -125,7 +137,8 @@ async def run_bench(
     plans: dict[int, list[Group]],
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[str, list[dict]]:
-    """Every group size in turn, after one untimed warm-up request -> (model, runs)."""
+    """Every group size in turn, after one untimed warm-up request on no passage ->
+    (model, runs)."""
     prices = Prices(args.price_in, args.price_out)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency,
@@ -136,9 +149,8 @@ async def run_bench(
         model = args.model or await fetch_model_id(client)
         settings = RequestSettings(model, args.max_tokens, send_hints=not args.no_hints)
         bench = Bench(client, settings, RequestSlots(args.concurrency), args.mode,
-                      run_id=f"squad-{uuid.uuid4().hex[:8]}")
-        warmup = Group(plans[args.group_sizes[0]][0].questions[:1])
-        await run_group(bench, warmup, f"{bench.run_id}-warmup", progress=None)
+                      run_id=f"squad-{uuid.uuid4().hex[:8]}", share_cache=args.share_cache)
+        await warm_up(client, model)
         runs = [await run_group_size(bench, plans[size], size, prices)
                 for size in args.group_sizes]
     return model, runs
@@ -164,6 +176,7 @@ def _config(args: argparse.Namespace, model: str, selection: list[dict],
         "url": args.url,
         "mode": args.mode,
         "group_id_hints": args.mode == "chat" and not args.no_hints,
+        "cache_salt": _salt_scope(args),
         "faithful": args.faithful,
         "model": model,
         "squad": args.squad or "bench/data/squad/dev-selection.json",
@@ -177,6 +190,14 @@ def _config(args: argparse.Namespace, model: str, selection: list[dict],
         "price_in_per_million": args.price_in,
         "price_out_per_million": args.price_out,
     }
+
+
+def _salt_scope(args: argparse.Namespace) -> str | None:
+    """What one cache_salt covers; None: plain OpenAI requests, whose groups may share the
+    server's prefix cache."""
+    if args.no_hints:
+        return None
+    return "group size" if args.share_cache else "group"
 
 
 def _group_sizes(text: str) -> list[int]:
@@ -210,7 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "streaming /v1/chat/completions request per question, a group's sent "
                         "together")
     parser.add_argument("--no-hints", action="store_true",
-                        help="chat mode: plain OpenAI requests, no group_id")
+                        help="chat mode: plain OpenAI requests, no group_id and no cache_salt "
+                        "(a server with a prefix cache may then share passages across groups)")
+    parser.add_argument("--share-cache", action="store_true",
+                        help="let the groups of one group size share the server's prefix cache "
+                        "(one cache_salt per G, not per group): the persistent cache's saving "
+                        "on top of grouping's")
     parser.add_argument("--faithful", action="store_true",
                         help="the original flat chunking: 480 questions cut into consecutive "
                         "chunks that may mix contexts")
@@ -238,6 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.no_hints and args.mode != "chat":
         parser.error("--no-hints applies to --mode chat only")
+    if args.no_hints and args.share_cache:
+        parser.error("--share-cache works through cache_salt, which --no-hints does not send")
     if args.price_in < 0 or args.price_out < 0:
         parser.error("--price-in and --price-out must be >= 0")
     if args.squad and not Path(args.squad).is_file():
@@ -268,7 +296,9 @@ def main(argv: list[str] | None = None,
     summaries = [run["summary"] for run in runs]
     hints = " + group_id" if config["group_id_hints"] else ""
     title = (f"SQuAD v1.1 dev, {config['contexts']} contexts, mode {args.mode}{hints}"
-             f"{', faithful' if args.faithful else ''}, model {config['model']}")
+             f"{', faithful' if args.faithful else ''}"
+             f"{', prefix cache shared per G' if args.share_cache else ''}, "
+             f"model {config['model']}")
     print(f"{title}\n\n{format_tables(summaries, Prices(args.price_in, args.price_out))}")
     if args.json:
         write_json(args.json, config, runs)

@@ -67,10 +67,23 @@ class RequestSlots:
             self._changed.notify_all()
 
 
+# the untimed first request: on no passage, so no passage is in a prefix cache before its run
+WARMUP_MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+async def warm_up(client: httpx.AsyncClient, model: str | None) -> None:
+    """One short plain chat request on no passage, so first-request costs stay out of the
+    figures. A server that refuses it ends the run with its message (a wrong key, say)."""
+    body = {"model": model, "messages": WARMUP_MESSAGES, "max_tokens": 4, "temperature": 0.0}
+    await _post_json(client, "/v1/chat/completions", body)
+
+
 async def ask_grouped(
-    client: httpx.AsyncClient, settings: RequestSettings, questions: list[Question]
+    client: httpx.AsyncClient, settings: RequestSettings, questions: list[Question],
+    cache_salt: str,
 ) -> list[Reply]:
-    """One POST /v1/grouped_completions for questions that share one context."""
+    """One POST /v1/grouped_completions for questions that share one context; `cache_salt`
+    keeps the server's cached prefixes of other salts out of reach."""
     assert len({q.context for q in questions}) == 1, "a grouped request has one context"
     body = {
         "context": questions[0].context,
@@ -78,6 +91,7 @@ async def ask_grouped(
         "system_prompt": ANSWER_SYSTEM_PROMPT,
         "max_tokens": settings.max_tokens,
         "temperature": 0.0,
+        "cache_salt": cache_salt,
     }
     if settings.model:
         body["model"] = settings.model
@@ -105,10 +119,12 @@ def _grouped_reply(question_id: str, answer: dict, latency: float) -> Reply:
 
 
 async def ask_chat(
-    client: httpx.AsyncClient, settings: RequestSettings, question: Question, group_id: str
+    client: httpx.AsyncClient, settings: RequestSettings, question: Question, group_id: str,
+    cache_salt: str,
 ) -> Reply:
     """One streaming POST /v1/chat/completions; with hints on, the group id goes along both
-    as the body field and as the `X-Group-Id` header (a router can hash on a header only)."""
+    as the body field and as the `X-Group-Id` header (a router can hash on a header only),
+    and `cache_salt` as a body field. Without hints the request is plain OpenAI."""
     body = {
         "model": settings.model,
         "messages": question_messages(question.context, question.question),
@@ -119,7 +135,7 @@ async def ask_chat(
     }
     headers = {}
     if settings.send_hints:
-        body["group_id"] = group_id
+        body["group_id"], body["cache_salt"] = group_id, cache_salt
         headers["X-Group-Id"] = group_id
     started = time.perf_counter()
     pieces, finish_reason, usage, ttft = [], None, None, None

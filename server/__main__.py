@@ -1,4 +1,10 @@
-"""`python -m server [flags]`: load the model, then serve until SIGTERM or Ctrl-C.
+"""`python -m server [flags]`: check the settings, open the port, load the model, serve until
+SIGTERM or Ctrl-C.
+
+What can be refused without the model is refused at once, before torch is even imported: a bad
+flag or value, a missing checkpoint or GGUF file, a port already in use. The port opens before
+the model loads, so probes see 503 (`{"status": "starting"}`) during the load rather than a
+refused connection; a load that fails stops the server with status 1.
 
 The first SIGTERM/SIGINT drains: new requests get 503, queued and running ones finish, then the
 process exits with status 0. A second signal ends the queued and running requests at once,
@@ -9,13 +15,11 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
 
-from model.head.group_head import CheckpointMismatchError
-from model.weights.loading import ModelLoadError
-from server.app import begin_drain, create_app, end_in_flight, is_drained
 from server.config import Settings, SettingsError
 from server.connections import uvicorn_config
 
@@ -32,6 +36,8 @@ class DrainingServer(uvicorn.Server):
         self.app = config.app
 
     def handle_exit(self, sig: int, frame) -> None:
+        from server.app import begin_drain, end_in_flight
+
         # not recorded in _captured_signals: uvicorn would re-raise it after a clean shutdown
         if self.app.state.services.is_draining:
             # the second signal ends what is in flight, with an error its clients can read,
@@ -44,31 +50,63 @@ class DrainingServer(uvicorn.Server):
         begin_drain(self.app)
 
     async def on_tick(self, counter: int) -> bool:
+        from server.app import is_drained
+
         if await super().on_tick(counter):
             return True
-        return is_drained(self.app)
+        return is_drained(self.app) or self.app.state.services.load_error is not None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening): a port in use is refused now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         settings = Settings.from_sources(argv)
+        settings.check_files()
     except SettingsError as exc:
         print(f"groupwise: {exc}", file=sys.stderr)
         return 2
-    log.info("settings: %s", settings.describe())
     try:
-        app = create_app(settings)
-    except (ModelLoadError, CheckpointMismatchError, FileNotFoundError) as exc:
-        print(f"groupwise: cannot start: {exc}", file=sys.stderr)
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"groupwise: cannot start: cannot bind {settings.host}:{settings.port} "
+              f"(--port, GROUPWISE_PORT): {exc.strerror or exc}", file=sys.stderr)
         return 1
+    log.info("settings: %s", settings.describe())
+    # imported once the checks have passed: torch and the model code take seconds to import
+    from server.app import create_app
+
+    app = create_app(settings)
     config = uvicorn_config(app, settings.host, settings.port,
                             header_timeout_s=settings.header_timeout_s,
                             body_timeout_s=settings.body_timeout_s,
                             max_connections=settings.max_connections, log_level="info",
                             timeout_graceful_shutdown=30)
-    DrainingServer(config).run()
-    return 0
+    with sock:
+        DrainingServer(config).run(sockets=[sock])
+    error = app.state.services.load_error
+    if error is None:
+        return 0
+    from model.head.group_head import CheckpointMismatchError
+    from model.weights.loading import ModelLoadError
+
+    if not isinstance(error, ModelLoadError | CheckpointMismatchError | FileNotFoundError):
+        raise error  # a bug, not a setting: its traceback
+    print(f"groupwise: cannot start: {error}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

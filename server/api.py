@@ -1,6 +1,8 @@
-"""Routes. Thin: parse, then hand over to server/chat.py or server/grouped.py. The completion
-routes refuse new work while the server starts or drains; the API key was checked before the
-body was read (server/gate.py), which also put the caller's tenant in `request.state`."""
+"""Routes. Thin: parse, then hand over to server/chat.py or server/grouped.py. Every /v1 route
+answers 503 `starting` until the model is loaded, and the completion routes refuse new work
+while the server drains; /health and /metrics answer from the start. The API key was checked
+before the body was read (server/gate.py), which also put the caller's tenant in
+`request.state`."""
 
 from __future__ import annotations
 
@@ -24,15 +26,27 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+STARTING = "the server is starting: the model is loading; retry shortly"
+
+
+async def require_model(services: ServicesDep) -> None:
+    if services.load_error is not None:
+        raise APIError(503, "the model could not be loaded (the server's log says why)",
+                       code="load_failed")
+    if not services.is_loaded:
+        raise APIError(503, STARTING, code="starting")
+
+
 async def require_serving(services: ServicesDep) -> None:
     if services.is_draining:
         raise APIError(503, "the server is shutting down; retry on another replica",
                        code="draining")
     if not services.is_ready:
-        raise APIError(503, "the server is starting; retry shortly", code="starting")
+        raise APIError(503, STARTING, code="starting")
 
 
-v1 = APIRouter(prefix="/v1")  # the API key is checked before the body is read (server/gate.py)
+# the API key is checked before the body is read (server/gate.py)
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_model)])
 serving = [Depends(require_serving)]
 plain = APIRouter()
 

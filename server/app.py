@@ -1,18 +1,22 @@
 """The FastAPI app: `create_app(settings, loaded_model=None)`.
 
-The model, engine and metrics are built when the app is created (a load failure stops start-up
-before the port opens); the scheduler and its worker thread need the running event loop, so the
-lifespan starts them and, at shutdown, stops them.
+Given a loaded model, the app builds its engine at once (a mismatched checkpoint raises here).
+Without one, the lifespan loads the model in a background thread while the server already
+answers: /health and /metrics at once, every /v1 route 503 `starting` until the model is in.
+The scheduler and its worker thread need the running event loop, so they start on it once the
+engine is built, and stop at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from model.weights.loading import LoadedModel
 from server.api import plain, v1
 from server.config import Settings
 from server.errors import install_error_handlers
@@ -20,22 +24,29 @@ from server.gate import RequestGate
 from server.middleware import ServingMiddleware
 from server.playground import playground
 from server.scheduler import GroupingPolicy, Scheduler
-from server.services import Services, build_services
+from server.services import Services
 from server.worker import EngineWorker
+
+if TYPE_CHECKING:
+    from model.weights.loading import LoadedModel
 
 
 def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> FastAPI:
-    services = build_services(settings, loaded_model)
+    services = Services(settings)
+    if loaded_model is not None:
+        services.load(loaded_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        services.scheduler = build_scheduler(services)
-        services.scheduler.start()
-        services.metrics.track_queue(services.scheduler)
+        if services.is_loaded:
+            start_scheduler(services)
+        else:
+            load_in_background(services, asyncio.get_running_loop())
         try:
             yield
         finally:
-            await services.scheduler.stop()
+            if services.scheduler is not None:
+                await services.scheduler.stop()
 
     app = FastAPI(title="groupwise", version="0.1.0", lifespan=lifespan)
     app.state.services = services
@@ -50,6 +61,31 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> F
     app.add_middleware(ServingMiddleware, metrics=services.metrics,
                        replica_name=settings.replica_name)
     return app
+
+
+def load_in_background(services: Services, loop: asyncio.AbstractEventLoop) -> None:
+    """Loads the model in a daemon thread (a shutdown during the load need not wait for it),
+    then starts the scheduler on `loop`. A failure is kept in `services.load_error`, which
+    stops the server and is reported there (server/__main__.py)."""
+
+    def load() -> None:
+        try:
+            services.load()
+        except Exception as exc:
+            services.load_error = exc
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server stopped
+            loop.call_soon_threadsafe(start_scheduler, services)
+
+    threading.Thread(target=load, name="model-load", daemon=True).start()
+
+
+def start_scheduler(services: Services) -> None:
+    if services.is_draining:  # stopped while the model loaded: nothing left to serve
+        return
+    services.scheduler = build_scheduler(services)
+    services.scheduler.start()
+    services.metrics.track_queue(services.scheduler)
 
 
 def build_scheduler(services: Services) -> Scheduler:

@@ -2,6 +2,8 @@
 
 Every setting has one row in OPTIONS (flag, environment variable, parser, help). `Settings` is
 frozen and validated on construction, so the rest of the server never re-reads the environment.
+A bad value is named by its flag and variable. Nothing here imports torch: `--help` and a
+mistyped flag answer at once, before the seconds the model code takes to import.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import NamedTuple
-
-from model.weights.formats import AUTO_WEIGHTS, WEIGHT_CHOICES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
 CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
+# model/weights/formats.py's WEIGHT_CHOICES and model/head/group_head.py's CONFIG_FILE, spelt
+# out so that reading the flags never imports torch (a test holds them equal)
+AUTO_WEIGHTS = "auto"
+WEIGHT_CHOICES = (AUTO_WEIGHTS, "fp32", "bf16", "int4")
+CSA_CONFIG_FILE = "config.json"
 
 
 class SettingsError(ValueError):
@@ -51,28 +57,39 @@ class Settings:
     playground: bool = True  # the browser page at /playground (/ redirects to it)
 
     def __post_init__(self):
-        _require(0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}")
-        _require(self.device in DEVICES or self.device.startswith("cuda:"),
-                 f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _require(self.dtype in DTYPES,
-                 f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _require(self.weights in WEIGHT_CHOICES,
-                 f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {self.weights!r}")
-        _require(self.threads is None or self.threads >= 1,
-                 f"threads must be >= 1, got {self.threads}")
+        _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
+        _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
+                 f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _require(self.dtype in DTYPES, "dtype",
+                 f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _require(self.weights in WEIGHT_CHOICES, "weights",
+                 f"must be one of {', '.join(WEIGHT_CHOICES)}, got {self.weights!r}")
+        _require(self.threads is None or self.threads >= 1, "threads",
+                 f"must be >= 1, got {self.threads}")
         for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes",
                      "max_connections"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.max_wait_ms >= 0, "max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
         for name in ("header_timeout_s", "body_timeout_s"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        _require(self.kv_cache_mb is None or self.kv_cache_mb > 0,
-                 f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
-        _require(bool(self.csa), "csa must be 'auto', 'off' or a checkpoint directory")
-        _require(self.csa_scope in CSA_SCOPES,
-                 f"csa_scope must be one of {', '.join(CSA_SCOPES)}, got {self.csa_scope!r}")
-        _require(self.api_key is None or all(self.api_keys),
-                 "api_key must not hold an empty key (check for stray commas)")
+            _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        _require(self.kv_cache_mb is None or self.kv_cache_mb > 0, "kv_cache_mb",
+                 f"must be > 0, got {self.kv_cache_mb}")
+        _require(bool(self.csa), "csa", "must be 'auto', 'off' or a checkpoint directory")
+        _require(self.csa_scope in CSA_SCOPES, "csa_scope",
+                 f"must be one of {', '.join(CSA_SCOPES)}, got {self.csa_scope!r}")
+        _require(self.api_key is None or all(self.api_keys), "api_key",
+                 "must not hold an empty key (check for stray commas)")
+
+    def check_files(self) -> None:
+        """The files the settings name exist: checked before the model loads, so a mistyped
+        path is refused at once rather than after the load."""
+        if not self.is_csa_off and self.csa.lower() != CSA_AUTO:
+            checkpoint = Path(self.csa).expanduser()
+            _require((checkpoint / CSA_CONFIG_FILE).is_file(), "csa",
+                     f"no CSA checkpoint at {checkpoint} (missing {CSA_CONFIG_FILE})")
+        if self.model and self.model.endswith(".gguf"):
+            _require(Path(self.model).expanduser().is_file(), "model",
+                     f"GGUF file not found: {self.model}")
 
     @property
     def max_wait_s(self) -> float:
@@ -195,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _require(condition: bool, message: str) -> None:
+def source_name(field_name: str) -> str:
+    """How a user sets a field: '--max-queue (GROUPWISE_MAX_QUEUE)'."""
+    option = next(option for option in OPTIONS if option.field == field_name)
+    return f"{option.flag} ({option.env})"
+
+
+def _require(condition: bool, field_name: str, problem: str) -> None:
     if not condition:
-        raise SettingsError(message)
+        raise SettingsError(f"{source_name(field_name)}: {problem}")

@@ -97,6 +97,9 @@ async def _on_http_exception(request: Request, exc: HTTPException) -> JSONRespon
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{request.url.path} does not take {request.method}; it takes {allowed}"
     return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
 

@@ -54,8 +54,11 @@ class ChatMessage(BaseModel):
     @classmethod
     def join_text_parts(cls, value):
         """OpenAI's list-of-parts form: only text parts can be served."""
-        if not isinstance(value, list):
+        if value is None or isinstance(value, str):
             return value
+        if not isinstance(value, list):
+            raise ValueError('must be a string or a list of text parts ({"type": "text", '
+                             '"text": "..."})')
         texts = []
         for part in value:
             if not (isinstance(part, dict) and part.get("type") == "text"
@@ -90,9 +93,9 @@ class ChatCompletionRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     # accepted only at their neutral values: anything else would be silently ignored
-    frequency_penalty: Number | None = Field(None, ge=0, le=0)
-    presence_penalty: Number | None = Field(None, ge=0, le=0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    logit_bias: dict[str, float] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = 1
@@ -115,6 +118,20 @@ class ChatCompletionRequest(BaseModel):
     def only_one_choice(cls, value):
         if value not in (None, 1):
             raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def no_penalty(cls, value):
+        if value:
+            raise ValueError("only 0, the neutral value, is supported (no penalties)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def no_logit_bias(cls, value):
+        if value:
+            raise ValueError("only {}, the neutral value, is supported (no biases)")
         return value
 
     @field_validator("logprobs")

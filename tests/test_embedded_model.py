@@ -54,12 +54,13 @@ def test_the_shipped_head_loads_on_bf16_weights():
     """--dtype bfloat16 (the default on a GPU): the server and the engine bench start with the
     shipped group head, whose base model was checked in float32."""
     from bench.engine_bench import build_csa
-    from server.app import create_app
     from server.config import Settings
+    from server.services import Services
 
     loaded = load_model(device="cpu", dtype="bfloat16")
     head, source = build_csa(None, loaded)
     assert head is not None and source.endswith("smollm2-135m-instruct")
-    services = create_app(Settings(dtype="bfloat16")).state.services
+    services = Services(Settings(dtype="bfloat16"))
+    services.load()
     assert services.loaded.model.dtype is torch.bfloat16
     assert services.engine.csa is not None

@@ -6,7 +6,8 @@ The fake answers question number i of the selection (flat, context-major) by i %
   2 -> "{gold}" (no tags)           EM 0, F1 1, lenient 1  (F1 reads the raw text)
   3 -> "<answer></answer>"          EM 0, F1 0, lenient 0, tags
 and bills prompt_tokens = PREFIX + len(question); within a group every member but the first
-reports PREFIX cached tokens (a foreign server with no cached_tokens: computed = billed).
+reports PREFIX cached tokens (a foreign server with no cached_tokens: computed = billed). A chat
+request on no passage (the warm-up) is answered "Hello".
 """
 
 import asyncio
@@ -23,6 +24,7 @@ from bench.squad import exact_match, f1_score, load_selection, make_groups, scor
 
 PREFIX = 100
 OPENAI_CHAT_FIELDS = {"model", "messages", "max_tokens", "temperature", "stream", "stream_options"}
+WARMUP_USAGE = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
 
 
 def expected_text(index: int, gold: str) -> str:
@@ -42,6 +44,7 @@ class FakeServer:
         self.by_prompt = {(ctx, q["question"]): (i, q) for i, (ctx, q) in enumerate(flat)}
         self.openai_only, self.api_key = openai_only, api_key
         self.grouped_bodies, self.chat_bodies, self.chat_header_ids = [], [], []
+        self.warmup_bodies, self.arrivals = [], []  # arrivals: every request's text, in order
         self.in_flight, self.most_in_flight = Counter(), Counter()
         self.groups_seen = set()
         self.app = self._make_app()
@@ -72,6 +75,8 @@ class FakeServer:
         async def grouped(request: Request):
             body = await request.json()
             self.grouped_bodies.append(body)
+            self.arrivals.append(body["context"] + "".join(q["question"]
+                                                           for q in body["questions"]))
             await asyncio.sleep(0.005)
             answers = []
             for position, item in enumerate(body["questions"]):
@@ -88,6 +93,12 @@ class FakeServer:
             unknown = set(body) - OPENAI_CHAT_FIELDS
             if self.openai_only and unknown:
                 return error(400, f"Unrecognized request arguments: {sorted(unknown)}")
+            self.arrivals.append("".join(m["content"] for m in body["messages"]))
+            if "\n\nQuestion: " not in body["messages"][-1]["content"]:
+                self.warmup_bodies.append(body)
+                return {"choices": [{"index": 0, "finish_reason": "length",
+                                     "message": {"role": "assistant", "content": "Hello"}}],
+                        "usage": WARMUP_USAGE}
             self.chat_bodies.append(body)
             self.chat_header_ids.append(request.headers.get("x-group-id"))
             context, question = body["messages"][1]["content"].split("\n\nQuestion: ")
@@ -160,8 +171,8 @@ def test_grouped_mode_reports_known_scores_and_usage(tmp_path, capsys):
         assert summary["cost_billed_usd"] == pytest.approx((billed * 0.10 + generated * 0.20) / 1e6)
         assert summary["ttft_mean_s"] is None  # no streaming in grouped mode
         assert [q["id"] for q in run_["questions"]] == [q["id"] for q in questions]
-    # one request per group plus the warm-up, each with the research prompt settings
-    assert len(server.grouped_bodies) == 1 + 15 + 9 + 3
+    # one request per group, each with the research prompt settings
+    assert len(server.grouped_bodies) == 15 + 9 + 3
     assert {b["max_tokens"] for b in server.grouped_bodies} == {96}
     assert {b["temperature"] for b in server.grouped_bodies} == {0.0}
     out = capsys.readouterr().out
@@ -194,7 +205,7 @@ def test_chat_mode_sends_a_group_together_under_one_group_id(tmp_path):
     assert result["config"]["model"] == "fake-model"  # from /v1/models
     assert {b["model"] for b in server.chat_bodies} == {"fake-model"}
     assert server.chat_header_ids == [b["group_id"] for b in server.chat_bodies]  # for routers
-    asked = Counter(b["group_id"] for b in server.chat_bodies if "warmup" not in b["group_id"])
+    asked = Counter(b["group_id"] for b in server.chat_bodies)
     groups = {5: make_groups(load_selection(2), 5), 2: make_groups(load_selection(2), 2)}
     assert sorted(asked.values()) == sorted(
         len(g.questions) for plan in groups.values() for g in plan)
@@ -211,7 +222,7 @@ def test_no_hints_works_against_a_plain_openai_server(tmp_path):
     server = FakeServer(contexts=1, openai_only=True)
     result = run(server, tmp_path, "--contexts", "1", "--group-sizes", "5",
                  "--mode", "chat", "--no-hints", "--model", "other-engine")
-    assert all(set(b) <= OPENAI_CHAT_FIELDS for b in server.chat_bodies)
+    assert all(set(b) <= OPENAI_CHAT_FIELDS for b in server.chat_bodies + server.warmup_bodies)
     assert set(server.chat_header_ids) == {None}
     assert {b["model"] for b in server.chat_bodies} == {"other-engine"}
     summary = result["runs"][0]["summary"]
@@ -224,7 +235,8 @@ def test_a_refused_request_ends_the_run_with_the_servers_message(tmp_path, capsy
     server = FakeServer(contexts=1, openai_only=True)
     argv = ["--url", "http://fake", "--contexts", "1", "--mode", "chat"]
     assert run_squad.main(argv, transport=httpx.ASGITransport(app=server.app)) == 1
-    assert "answered 400: Unrecognized request arguments: ['group_id']" in capsys.readouterr().err
+    refusal = "answered 400: Unrecognized request arguments: ['cache_salt', 'group_id']"
+    assert refusal in capsys.readouterr().err
 
 
 def test_api_key_goes_as_a_bearer_token(tmp_path, capsys):
@@ -233,6 +245,53 @@ def test_api_key_goes_as_a_bearer_token(tmp_path, capsys):
     argv = ["--url", "http://fake", "--contexts", "1", "--group-sizes", "5"]
     assert run_squad.main(argv, transport=httpx.ASGITransport(app=server.app)) == 1
     assert "answered 401: bad key" in capsys.readouterr().err
+
+
+def test_the_warm_up_comes_first_and_touches_no_passage(tmp_path):
+    for mode in ("grouped", "chat"):
+        server = FakeServer(contexts=2)
+        run(server, tmp_path, "--contexts", "2", "--group-sizes", "1", "--mode", mode)
+        warmup, *rest = server.arrivals
+        assert len(server.warmup_bodies) == 1 and len(rest) == 10
+        for context in load_selection(2):
+            assert context["context"] not in warmup
+            assert not any(q["question"] in warmup for q in context["questions"])
+
+
+def salts_by_group(server: FakeServer, mode: str) -> dict[str, set[str]]:
+    """cache_salt -> the question ids sent with it."""
+    salts: dict[str, set[str]] = {}
+    if mode == "grouped":
+        for body in server.grouped_bodies:
+            salts.setdefault(body["cache_salt"], set()).update(q["id"] for q in body["questions"])
+    for body in server.chat_bodies:
+        context, question = body["messages"][1]["content"].split("\n\nQuestion: ")
+        _, item = server.by_prompt[(context.removeprefix("Passage:\n"), question)]
+        salts.setdefault(body["cache_salt"], set()).add(item["id"])
+    return salts
+
+
+@pytest.mark.parametrize("mode", ["grouped", "chat"])
+def test_each_group_shares_only_within_itself(tmp_path, mode):
+    """One fresh cache_salt per group: no group finds what another left in a prefix cache."""
+    server = FakeServer(contexts=2)
+    result = run(server, tmp_path, "--contexts", "2", "--group-sizes", "1,5", "--mode", mode)
+    groups = [set(g["question_ids"]) for run_ in result["runs"] for g in run_["groups"]]
+    salts = salts_by_group(server, mode)
+    assert sorted(map(sorted, salts.values())) == sorted(map(sorted, groups))
+    assert len(salts) == 10 + 2
+    assert result["config"]["cache_salt"] == "group"
+    again = FakeServer(contexts=2)
+    run(again, tmp_path, "--contexts", "2", "--group-sizes", "1,5", "--mode", mode)
+    assert not set(salts) & set(salts_by_group(again, mode))  # a new run finds nothing either
+
+
+def test_share_cache_gives_one_salt_per_group_size(tmp_path):
+    server = FakeServer(contexts=2)
+    result = run(server, tmp_path, "--contexts", "2", "--group-sizes", "1,5", "--share-cache")
+    every_question = {q["id"] for q in flat_questions(2)}
+    assert sorted(salts_by_group(server, "grouped").values(), key=len) == [every_question] * 2
+    assert result["config"]["cache_salt"] == "group size"
 
 
 def test_faithful_grouped_mode_sends_mixed_chunks_per_context(tmp_path):
@@ -258,6 +317,7 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.mark.parametrize("flags", [
     ["--no-hints"],  # grouped mode has no hints to drop
+    ["--mode", "chat", "--no-hints", "--share-cache"],  # no cache_salt to share
     ["--group-sizes", "0,2"],
     ["--group-sizes", "two"],
     ["--contexts", "0"],

@@ -6,8 +6,11 @@ import socket
 
 import pytest
 
+from model.head import group_head
 from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model.weights import formats
 from model.weights.loading import weights_signature
+from server import config as server_config
 from server.__main__ import main
 from server.app import create_app
 from server.config import OPTIONS, Settings, SettingsError
@@ -45,20 +48,32 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
     ("argv", "environ", "expected"),
     [
         ([], {"GROUPWISE_PORT": "eighty"}, "GROUPWISE_PORT: cannot read 'eighty'"),
-        (["--max-group-size", "0"], {}, "max_group_size must be >= 1"),
-        (["--dtype", "int3"], {}, "dtype must be one of"),
-        (["--max-wait-ms", "-1"], {}, "max_wait_ms must be >= 0"),
-        ([], {"GROUPWISE_THREADS": "0"}, "threads must be >= 1"),
-        (["--kv-cache-mb", "0"], {}, "kv_cache_mb must be > 0"),
-        (["--weights", "int3"], {}, "weights must be one of auto, fp32, bf16, int4"),
-        (["--max-prefill-tokens", "0"], {}, "max_prefill_tokens must be >= 1"),
-        (["--csa-scope", "some"], {}, "csa_scope must be one of grouped, all"),
-        (["--api-key", "a,,b"], {}, "api_key must not hold an empty key"),
+        (["--port", "70000"], {}, "--port (GROUPWISE_PORT): must be in 0..65535, got 70000"),
+        (["--max-group-size", "0"], {},
+         "--max-group-size (GROUPWISE_MAX_GROUP_SIZE): must be >= 1"),
+        (["--dtype", "int3"], {}, "--dtype (GROUPWISE_DTYPE): must be one of"),
+        (["--max-wait-ms", "-1"], {}, "--max-wait-ms (GROUPWISE_MAX_WAIT_MS): must be >= 0"),
+        ([], {"GROUPWISE_THREADS": "0"}, "--threads (GROUPWISE_THREADS): must be >= 1"),
+        (["--kv-cache-mb", "0"], {}, "--kv-cache-mb (GROUPWISE_KV_CACHE_MB): must be > 0"),
+        (["--weights", "int3"], {},
+         "--weights (GROUPWISE_WEIGHTS): must be one of auto, fp32, bf16, int4"),
+        (["--max-prefill-tokens", "0"], {},
+         "--max-prefill-tokens (GROUPWISE_MAX_PREFILL_TOKENS): must be >= 1"),
+        (["--csa-scope", "some"], {},
+         "--csa-scope (GROUPWISE_CSA_SCOPE): must be one of grouped, all"),
+        (["--api-key", "a,,b"], {}, "--api-key (GROUPWISE_API_KEY): must not hold an empty key"),
     ],
 )
-def test_bad_values_are_refused_with_their_source(argv, environ, expected):
-    with pytest.raises(SettingsError, match=expected):
+def test_bad_values_are_refused_naming_their_flag_and_variable(argv, environ, expected):
+    with pytest.raises(SettingsError) as refused:
         Settings.from_sources(argv, environ=environ)
+    assert str(refused.value).startswith(expected)
+
+
+def test_the_constants_spelt_out_for_a_torch_free_parse_match_the_models():
+    assert server_config.WEIGHT_CHOICES == formats.WEIGHT_CHOICES
+    assert server_config.AUTO_WEIGHTS == formats.AUTO_WEIGHTS
+    assert server_config.CSA_CONFIG_FILE == group_head.CONFIG_FILE
 
 
 def test_api_key_is_not_logged():
@@ -107,5 +122,5 @@ def test_matching_checkpoint_is_loaded(tiny_model, tmp_path):
 
 def test_missing_checkpoint_directory_stops_start_up(tmp_path, capsys):
     missing = tmp_path / "nothing-here"
-    assert main(["--model", "tiny-random", "--csa", str(missing)]) == 1
-    assert "no CSA checkpoint" in capsys.readouterr().err
+    assert main(["--model", "tiny-random", "--csa", str(missing)]) == 2
+    assert f"--csa (GROUPWISE_CSA): no CSA checkpoint at {missing}" in capsys.readouterr().err

@@ -65,9 +65,6 @@ def test_invalid_json_is_400(server, path):
          "stream_options.include_usage"),
         ({"messages": USER, "group_id": ""}, "group_id"),
         ({"messages": USER, "logprobs": True}, "logprobs"),
-        ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"messages": USER, "presence_penalty": -1}, "presence_penalty"),
-        ({"messages": USER, "logit_bias": {"42": 5}}, "logit_bias"),
         ({"messages": USER, "top_k": -1}, "top_k"),
         ({"messages": USER, "max_tokens": "5"}, "max_tokens"),  # no silent coercion
         ({"messages": USER, "max_tokens": True}, "max_tokens"),
@@ -89,6 +86,29 @@ def test_unknown_chat_fields_are_named_not_dropped(server):
     neutral = {"messages": USER, "max_tokens": 2, "user": "u1", "frequency_penalty": 0,
                "logit_bias": {}, "top_k": 5}
     assert post(server, "/chat/completions", neutral).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "param", "says"),
+    [
+        ({"frequency_penalty": 0.5}, "frequency_penalty", "only 0, the neutral value"),
+        ({"presence_penalty": -1}, "presence_penalty", "only 0, the neutral value"),
+        ({"logit_bias": {"42": 5}}, "logit_bias", "only {}, the neutral value"),
+    ],
+)
+def test_sampling_controls_say_only_their_neutral_value_is_supported(server, payload, param,
+                                                                    says):
+    assert_error(post(server, "/chat/completions", {"messages": USER, **payload}), 400, param,
+                 says=says)
+
+
+def test_content_of_the_wrong_type_says_text_parts_are_accepted_too(server):
+    payload = {"messages": [{"role": "user", "content": 5}]}
+    assert_error(post(server, "/chat/completions", payload), 400, "messages[0].content",
+                 says="must be a string or a list of text parts")
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    payload = {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+    assert post(server, "/chat/completions", payload).status_code == 200
 
 
 def test_n_other_than_1_is_refused_through_the_openai_client(server):
@@ -157,7 +177,8 @@ def test_unknown_model_is_404(server):
 
 def test_unknown_route_and_method_in_openai_shape(server):
     assert_error(httpx.get(f"{server.v1}/nothing"), 404, None, "not_found")
-    assert_error(httpx.get(f"{server.v1}/chat/completions"), 405, None)
+    assert_error(httpx.get(f"{server.v1}/chat/completions"), 405, None, "method_not_allowed",
+                 "/v1/chat/completions does not take GET; it takes POST")
 
 
 # --- 401 -------------------------------------------------------------------------------------

@@ -43,33 +43,60 @@ SAVE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m train",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
-    parser.add_argument("--train", default=str(DEFAULT_TRAIN), help="SQuAD v1.1 train JSON")
+    parser.add_argument("--train", default=str(DEFAULT_TRAIN),
+                        help="SQuAD v1.1 train JSON (default: the shipped 11-article slice)")
     parser.add_argument("--out", default=None, help="checkpoint dir (default: the shipped one)")
-    parser.add_argument("--heldout", type=int, default=60, help="held-out train passages")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=2, help="adapter epochs")
-    parser.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate")
-    parser.add_argument("--csa-epochs", type=int, default=2)
-    parser.add_argument("--csa-lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
-    parser.add_argument("--batch-tokens", type=int, default=TrainSettings.batch_tokens)
-    parser.add_argument("--max-group", type=int, default=TrainSettings.max_group)
-    parser.add_argument("--max-steps", type=int, default=0, help="stop each stage after N steps")
-    parser.add_argument("--adapter-rank", type=int, default=32, help="low-rank logits delta")
-    parser.add_argument("--head-mlp", type=int, default=1024, help="head MLP width (0: none)")
-    parser.add_argument("--num-heads", type=int, default=8)
-    parser.add_argument("--passages-per-batch", type=int, default=4, help="feature forwards")
-    parser.add_argument("--eval-contexts", type=int, default=20, help="held-out generation")
-    parser.add_argument("--eval-group-sizes", default="5")
-    parser.add_argument("--eval-max-tokens", type=int, default=96)
-    parser.add_argument("--bench-contexts", type=int, default=20, help="0 skips the bench")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--heldout", type=int, default=60,
+                        help="train passages held out for validation (default 60)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the held-out split, the grouping and the initial weights "
+                        "(default 0)")
+    parser.add_argument("--epochs", type=int, default=2, help="adapter epochs (default 2)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="adapter learning rate (default 1e-3)")
+    parser.add_argument("--csa-epochs", type=int, default=2,
+                        help="CSA + gate epochs, on top of the adapter (default 2)")
+    parser.add_argument("--csa-lr", type=float, default=1e-3,
+                        help="CSA + gate learning rate (default 1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay,
+                        help="AdamW weight decay of the weight matrices "
+                        f"(default {TrainSettings.weight_decay})")
+    parser.add_argument("--batch-tokens", type=int, default=TrainSettings.batch_tokens,
+                        help="answer tokens per optimizer step; whole groups are packed "
+                        f"(default {TrainSettings.batch_tokens})")
+    parser.add_argument("--max-group", type=int, default=TrainSettings.max_group,
+                        help="most questions of a passage in one training group, drawn 1 to N "
+                        f"(default {TrainSettings.max_group})")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="stop each stage after N steps (default 0: no limit)")
+    parser.add_argument("--adapter-rank", type=int, default=32,
+                        help="rank of the adapter's logits delta (default 32)")
+    parser.add_argument("--head-mlp", type=int, default=1024,
+                        help="width of the adapter's residual MLP (default 1024; 0: none)")
+    parser.add_argument("--num-heads", type=int, default=8,
+                        help="attention heads of the CSA module (default 8)")
+    parser.add_argument("--passages-per-batch", type=int, default=4,
+                        help="passages per teacher-forced forward computing the features "
+                        "(default 4)")
+    parser.add_argument("--eval-contexts", type=int, default=20,
+                        help="held-out passages answered by generation (default 20; 0 skips)")
+    parser.add_argument("--eval-group-sizes", default="5",
+                        help="comma-separated group sizes of that generation (default 5)")
+    parser.add_argument("--eval-max-tokens", type=int, default=96,
+                        help="most generated tokens per answer there (default 96)")
+    parser.add_argument("--bench-contexts", type=int, default=20,
+                        help="contexts of the bench selection each control runs on "
+                        "(default 20; 0 skips the bench)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--weights", default=AUTO_WEIGHTS, choices=WEIGHT_CHOICES,
                         help="the base model's weight format, as the server's --weights "
                         "(the features and the evaluation use it)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the features")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the features even when they are cached")
     parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float16",
                         help="dtype of the stored weights (float16 halves the checkpoint)")
     return parser.parse_args(argv)

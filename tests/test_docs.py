@@ -1,0 +1,156 @@
+"""The README and the docs/ pages as a reader uses them: every `python` command shown names a
+module or script that exists and only flags its `--help` lists, every `make` target exists,
+every Python example compiles, and every link between the pages resolves, anchors included.
+Cheap on purpose: `--help` and file checks, never a server."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+INLINE = re.compile(r"`([^`]+)`")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+SHELL_OPERATORS = {"&", "&&", "|", "||", ";", "&)", ")"}
+
+
+def fenced(page: Path, language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(page.read_text()) if lang == language]
+
+
+def shell_commands(page: Path) -> list[str]:
+    """The logical lines of the page's bash blocks, and its inline code that starts a
+    command: `python ...` or `make ...`."""
+    commands = []
+    for block in fenced(page, "bash"):
+        commands += block.replace("\\\n", " ").splitlines()
+    prose = FENCE.sub("", page.read_text())
+    commands += [span.replace("\n", " ") for span in INLINE.findall(prose.replace("\n", " "))
+                 if span.startswith(("python ", "make "))]
+    return commands
+
+
+def python_invocations(command: str) -> list[tuple[str, list[str]]]:
+    """`python -m MOD --a x --b` -> [("-m MOD", ["--a", "--b"])]; a script: ("path", flags).
+    Make's ARGS="..." count as flags of `python -m server`."""
+    if "python" not in command and not command.lstrip().startswith("make "):
+        return []
+    tokens = shlex.split(command, comments=True)
+    found = []
+    for index, token in enumerate(tokens):
+        if token.startswith("ARGS="):
+            found.append(("-m server", flags_of(shlex.split(token.removeprefix("ARGS=")))))
+        if token != "python" or index + 1 >= len(tokens):
+            continue
+        if tokens[index + 1] == "-m":
+            found.append((f"-m {tokens[index + 2]}", flags_of(tokens[index + 3:])))
+        elif tokens[index + 1].endswith(".py"):
+            found.append((tokens[index + 1], flags_of(tokens[index + 2:])))
+    return found
+
+
+def flags_of(tokens: list[str]) -> list[str]:
+    flags = []
+    for token in tokens:
+        if token in SHELL_OPERATORS or token.endswith(("&", ")")):
+            break
+        if token.startswith("--"):
+            flags.append(token.split("=")[0])
+    return flags
+
+
+@functools.cache
+def help_text(target: str) -> str:
+    """What `python TARGET --help` prints (TARGET: `-m module` or a script path)."""
+    done = subprocess.run([sys.executable, *target.split(), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"python {target} --help failed:\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
+def make_targets() -> set[str]:
+    rules = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M)
+    return set(rules)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = FENCE.sub("", page.read_text())
+    return {slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+
+
+def invocations(page: Path) -> list[tuple[str, list[str]]]:
+    return [found for command in shell_commands(page) for found in python_invocations(command)]
+
+
+def test_the_commands_are_found_in_blocks_inline_and_in_make_args():
+    bench = invocations(REPO / "docs" / "bench.md")
+    shared = ["--url", "--contexts", "--group-sizes", "--share-cache"]
+    assert ("bench/run_squad.py", shared) in bench
+    assert ("-m server", ["--port", "--threads"]) in bench  # inline, in the prose
+    readme = invocations(REPO / "README.md")
+    assert ("-m server", ["--model", "--device"]) in readme  # make serve ARGS="..."
+    compare = shell_commands(REPO / "docs" / "load-bench.md")
+    assert ("-m server", ["--port"]) in python_invocations(
+        next(c for c in compare if c.startswith("(cd ../before")))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_python_command_names_what_exists_with_flags_it_takes(page):
+    for target, flags in invocations(page):
+        if not target.startswith("-m "):
+            assert (REPO / target).is_file(), f"{page.name}: no script {target}"
+        usage = help_text(target)
+        for flag in flags:
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", usage), (
+                f"{page.name}: python {target} has no {flag}")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_make_target_and_shell_script_exists(page):
+    targets = make_targets()
+    for command in shell_commands(page):
+        if command.startswith("make "):
+            named = [t for t in shlex.split(command, comments=True)[1:] if "=" not in t]
+            assert set(named) <= targets, f"{page.name}: no make target in {command}"
+        for script in re.findall(r"\bbash (\S+)", command):
+            assert (REPO / script).is_file(), f"{page.name}: no script {script}: {command}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_python_examples_compile(page):
+    for block in fenced(page, "python"):
+        ast.parse(block)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_links_between_pages_resolve(page):
+    for target in LINK.findall(FENCE.sub("", page.read_text())):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: broken link {target}"
+        if anchor:
+            assert anchor in anchors(linked), f"{page.name}: no heading #{anchor} in {path}"
+
+
+def test_every_docs_page_has_a_title_and_is_linked_from_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for page in PAGES[1:]:
+        assert page.read_text().startswith("# "), f"{page.name} has no title"
+        assert f"(docs/{page.name})" in readme, f"the README does not link {page.name}"
