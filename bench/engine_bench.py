@@ -26,7 +26,7 @@ from model.engine.sampling import SamplingParams
 from model.head.group_head import GroupHead, GroupHeadConfig
 from model.head.shipped import shipped_checkpoint
 from model.prompts import encode_chat, question_messages
-from model.weights.formats import WEIGHT_CHOICES
+from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import LoadedModel, load_model, weights_signature
 
 COLUMNS = [
@@ -133,23 +133,31 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, default=100)
-    parser.add_argument("--group-sizes", default="1,2,3,4,5")
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, default=100,
+                        help="SQuAD contexts of 5 questions (default 100)")
+    parser.add_argument("--group-sizes", default="1,2,3,4,5",
+                        help="comma-separated group sizes G, run in this order (default 1,2,3,4,5)")
     parser.add_argument("--csa", default=None, help="off | untrained | PATH (default: shipped)")
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--squad", default=None, help="a full SQuAD v1.1 dev file")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=42,
+                        help="selection shuffle seed (default 42)")
+    parser.add_argument("--max-tokens", type=int, default=96,
+                        help="most generated tokens per answer (default 96)")
     parser.add_argument("--batch-groups", type=int, default=1, help="groups per engine batch")
     parser.add_argument("--prefix-cache", choices=["on", "off"], default="on",
                         help="off: empty the prefix cache after every batch, so only grouping "
                         "shares a passage (each group size starts from an empty cache either way)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu or cuda (as the server's --device)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto, float32, bfloat16 or float16 (as the server's --dtype)")
     parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                         help="auto (the server's default), fp32, bf16 or int4")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 

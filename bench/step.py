@@ -31,7 +31,7 @@ from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.request import Status
 from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat, question_messages
-from model.weights.formats import WEIGHT_CHOICES
+from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import LoadedModel, load_model, load_tokenizer, resolve_device
 from model.weights.shapes import SHAPES, build_random_model
 
@@ -220,7 +220,9 @@ def load(args: argparse.Namespace) -> LoadedModel:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.step",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="default: the embedded model")
+    parser.add_argument("--model", default=None,
+                        help="embedded (default), tiny-random, a .gguf path, a HF id or a local "
+                             "directory")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="random weights of this architecture instead of --model")
     parser.add_argument("--tokenizer", default=None,
@@ -231,11 +233,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16")
     parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
                         help="auto (the server's default), fp32, bf16 or int4")
-    parser.add_argument("--rows", default="1,8,32", help="decode batch sizes to time")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
+    parser.add_argument("--rows", default="1,8,32",
+                        help="comma-separated batch sizes to time, each row a different "
+                             "passage's question (default 1,8,32)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="decode steps averaged per batch size, once every row decodes "
+                             "(default 20)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="also time the prefill of one prompt this long")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on a CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--hf", action="store_true", help="also time transformers' forward")
     parser.add_argument("--profile", action="store_true",
                         help="kernels per step and the GPU's busy share (CUDA)")

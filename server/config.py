@@ -16,16 +16,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
+# torch-free modules: the flags are checked before torch is imported
+from model.head.files import CONFIG_FILE
+from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
 CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
-# model/weights/formats.py's WEIGHT_CHOICES and model/head/group_head.py's CONFIG_FILE, spelt
-# out so that reading the flags never imports torch (a test holds them equal)
-AUTO_WEIGHTS = "auto"
-WEIGHT_CHOICES = (AUTO_WEIGHTS, "fp32", "bf16", "int4")
-CSA_CONFIG_FILE = "config.json"
 
 
 class SettingsError(ValueError):
@@ -47,7 +46,8 @@ class Settings:
     max_wait_ms: float = 20.0  # how long an open group waits for more members
     max_queue: int = 256  # questions waiting to run; beyond it requests get 429
     kv_cache_mb: float | None = None  # None: the engine's default for the device
-    max_prefill_tokens: int = 512  # prompt tokens computed per engine step
+    max_prefill_tokens: int | None = None  # prompt tokens per engine step; None: per device
+    decode_graph_rows: int | None = None  # decode steps replayed from CUDA graphs; None: per device
     api_key: str | None = None  # one key, or a comma-separated list: one tenant per key
     max_request_bytes: int = 2 * 2**20  # larger bodies are refused (413) before they are read
     header_timeout_s: float = 10.0  # to send a request's headers, else the connection closes
@@ -66,9 +66,12 @@ class Settings:
                  f"must be one of {', '.join(WEIGHT_CHOICES)}, got {self.weights!r}")
         _require(self.threads is None or self.threads >= 1, "threads",
                  f"must be >= 1, got {self.threads}")
-        for name in ("max_group_size", "max_queue", "max_prefill_tokens", "max_request_bytes",
-                     "max_connections"):
+        for name in ("max_group_size", "max_queue", "max_request_bytes", "max_connections"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.max_prefill_tokens is None or self.max_prefill_tokens >= 1,
+                 "max_prefill_tokens", f"must be >= 1, got {self.max_prefill_tokens}")
+        _require(self.decode_graph_rows is None or self.decode_graph_rows >= 0,
+                 "decode_graph_rows", f"must be >= 0, got {self.decode_graph_rows}")
         _require(self.max_wait_ms >= 0, "max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
         for name in ("header_timeout_s", "body_timeout_s"):
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
@@ -85,8 +88,8 @@ class Settings:
         path is refused at once rather than after the load."""
         if not self.is_csa_off and self.csa.lower() != CSA_AUTO:
             checkpoint = Path(self.csa).expanduser()
-            _require((checkpoint / CSA_CONFIG_FILE).is_file(), "csa",
-                     f"no CSA checkpoint at {checkpoint} (missing {CSA_CONFIG_FILE})")
+            _require((checkpoint / CONFIG_FILE).is_file(), "csa",
+                     f"no CSA checkpoint at {checkpoint} (missing {CONFIG_FILE})")
         if self.model and self.model.endswith(".gguf"):
             _require(Path(self.model).expanduser().is_file(), "model",
                      f"GGUF file not found: {self.model}")
@@ -180,7 +183,10 @@ OPTIONS = (
            "8192 on CUDA, at most 16 full contexts)"),
     Option("max_prefill_tokens", "--max-prefill-tokens", "GROUPWISE_MAX_PREFILL_TOKENS", int,
            "an integer", "most prompt tokens computed in one engine step: longer prompts are "
-           "chunked so running requests keep decoding"),
+           "chunked so running requests keep decoding (default: 512 on CPU, 8192 on CUDA)"),
+    Option("decode_graph_rows", "--decode-graph-rows", "GROUPWISE_DECODE_GRAPH_ROWS", int,
+           "an integer", "on CUDA, decode steps of up to this many rows replay CUDA graphs "
+           "captured at start-up (default 128; 0: off)"),
     Option("api_key", "--api-key", "GROUPWISE_API_KEY", _optional_text, "a key",
            "if set, every /v1 route needs 'Authorization: Bearer KEY'; a comma-separated list "
            "gives one tenant per key (tenants never share groups or cached prefixes)"),

@@ -56,7 +56,8 @@ class Services:
                  loaded.weights, "on" if csa else "off")
         engine = GroupedEngine(loaded.model, loaded.tokenizer, csa,
                                kv_cache_mb=settings.kv_cache_mb,
-                               max_prefill_tokens=settings.max_prefill_tokens)
+                               max_prefill_tokens=settings.max_prefill_tokens,
+                               decode_graph_rows=settings.decode_graph_rows)
         log.info("KV cache: %d tokens (%.0f MiB)", engine.pool.capacity,
                  engine.pool.kv.nbytes / 2**20)
         self.max_token_chars = longest_token_chars(loaded.tokenizer)

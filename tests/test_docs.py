@@ -103,7 +103,7 @@ def test_the_commands_are_found_in_blocks_inline_and_in_make_args():
     assert ("bench/run_squad.py", shared) in bench
     assert ("-m server", ["--port", "--threads"]) in bench  # inline, in the prose
     readme = invocations(REPO / "README.md")
-    assert ("-m server", ["--model", "--device"]) in readme  # make serve ARGS="..."
+    assert ("-m server", ["--model"]) in readme  # make serve ARGS="..."
     compare = shell_commands(REPO / "docs" / "load-bench.md")
     assert ("-m server", ["--port"]) in python_invocations(
         next(c for c in compare if c.startswith("(cd ../before")))

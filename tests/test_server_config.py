@@ -6,11 +6,8 @@ import socket
 
 import pytest
 
-from model.head import group_head
 from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
-from model.weights import formats
 from model.weights.loading import weights_signature
-from server import config as server_config
 from server.__main__ import main
 from server.app import create_app
 from server.config import OPTIONS, Settings, SettingsError
@@ -68,12 +65,6 @@ def test_bad_values_are_refused_naming_their_flag_and_variable(argv, environ, ex
     with pytest.raises(SettingsError) as refused:
         Settings.from_sources(argv, environ=environ)
     assert str(refused.value).startswith(expected)
-
-
-def test_the_constants_spelt_out_for_a_torch_free_parse_match_the_models():
-    assert server_config.WEIGHT_CHOICES == formats.WEIGHT_CHOICES
-    assert server_config.AUTO_WEIGHTS == formats.AUTO_WEIGHTS
-    assert server_config.CSA_CONFIG_FILE == group_head.CONFIG_FILE
 
 
 def test_api_key_is_not_logged():

@@ -29,7 +29,7 @@ import torch
 
 from bench.squad import DATA_DIR
 from model.head.shipped import CHECKPOINT_DIR, SHIPPED
-from model.weights.formats import AUTO_WEIGHTS, WEIGHT_CHOICES
+from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES
 from model.weights.loading import load_model, weights_fingerprint, weights_signature
 from train.data import make_examples, read_squad, split_passages
 from train.evaluate import bench_controls, heldout_generation

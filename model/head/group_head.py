@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-WEIGHTS_FILE = "csa.safetensors"
-CONFIG_FILE = "config.json"
+from model.head.files import CONFIG_FILE, WEIGHTS_FILE
+
 # the layers of cross-sequence attention and its gate (the rest of a head is the adapter)
 CROSS_ATTENTION_LAYERS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "norm_h", "norm_a", "gate_in", "gate_out",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.head.group_head import CONFIG_FILE
+from model.head.files import CONFIG_FILE
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 # model name (as `LoadedModel.name` gives it) -> checkpoint folder under CHECKPOINT_DIR

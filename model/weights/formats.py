@@ -32,9 +32,6 @@ from model.weights.gguf_blocks import (
     unpack_q4_1,
 )
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int4")  # fp32: the weights as loaded, in --dtype
-AUTO_WEIGHTS = "auto"  # the fastest format that keeps answers: see loading.resolve_weights
-WEIGHT_CHOICES = (AUTO_WEIGHTS, *WEIGHT_FORMATS)  # what --weights accepts
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
 GGUF_LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

