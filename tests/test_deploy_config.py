@@ -1,6 +1,7 @@
 """Deployment files, checked without a Docker engine: the compose stack validates for every
-profile with docker-compose 1.29, the Dockerfile passes hadolint, and the files that refer to
-each other (compose mounts, Prometheus targets, Grafana datasource, nginx replicas) agree."""
+profile with docker-compose 1.29, the Dockerfiles pass hadolint, and the files that refer to
+each other (compose mounts, Prometheus targets, Grafana datasource, the router's replicas and
+version) agree."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "groupwise.json"
+ROUTER = DEPLOY / "router"
+DOCKERFILES = (ROOT / "Dockerfile", ROUTER / "Dockerfile")
 PROFILES = ("", "bench", "scale")
 
 
@@ -105,8 +109,9 @@ def test_gpu_override_reserves_a_gpu_per_replica_and_builds_for_cuda():
     assert "deploy" not in resolved_config("scale")["services"]["server"]
 
 
-def test_dockerfile_passes_hadolint():
-    result = subprocess.run([require_tool("hadolint"), "Dockerfile"], cwd=ROOT,
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=["server", "router"])
+def test_dockerfile_passes_hadolint(dockerfile):
+    result = subprocess.run([require_tool("hadolint"), str(dockerfile)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -174,16 +179,23 @@ def test_dashboard_has_the_panels_operators_need():
             assert re.search(rf"rate\({re.escape(counter)}\{{", expr), expr
 
 
-def test_nginx_replicas_are_the_compose_replicas():
+def test_router_routes_to_the_compose_replicas():
     services = resolved_config("scale")["services"]
-    lines = (DEPLOY / "nginx" / "replicas.conf").read_text()
-    upstreams = re.findall(r"^server\s+([\w.-]+):(\d+)", lines, re.M)
-    assert {host for host, _ in upstreams} == {"server", "server-2"}
-    for host, port in upstreams:
-        assert int(port) == int(services["server"]["ports"][0]["target"]), host
     router = services["router"]
-    assert "/etc/nginx/groupwise/nginx.conf" in router["command"]
-    assert any(v.startswith(str(DEPLOY / "nginx") + ":/etc/nginx/groupwise")
-               for v in router["volumes"])
-    listen = re.search(r"listen\s+(\d+);", (DEPLOY / "nginx" / "listen.conf").read_text())
+    port = int(services["server"]["ports"][0]["target"])
+    assert router["command"] == ["--worker-urls", f"http://server:{port}",
+                                 f"http://server-2:{port}"]
+    assert Path(router["build"]["context"]) == ROUTER
+    listen = re.search(r"--port (\d+)", (ROUTER / "start.sh").read_text())
     assert int(listen.group(1)) == int(router["ports"][0]["target"])
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", (ROUTER / "Dockerfile").read_text(), re.M)
+    assert json.loads(entrypoint.group(1))[-1] == "/usr/local/bin/groupwise-router"
+    assert "COPY start.sh /usr/local/bin/groupwise-router" in (ROUTER / "Dockerfile").read_text()
+
+
+def test_router_image_installs_the_router_version_the_tests_run():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["dev"]
+    (tested,) = [spec for spec in extras if spec.startswith("vllm-router")]
+    shipped = re.search(r"VLLM_ROUTER_VERSION=(\S+)", (ROUTER / "Dockerfile").read_text())
+    assert tested == f"vllm-router=={shipped.group(1)}"

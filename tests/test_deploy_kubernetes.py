@@ -1,7 +1,7 @@
 """The Kubernetes mapping of the scale-out: the manifests validate against the Kubernetes API
-schemas (strict: no unknown fields), and the pieces that must agree do: the router's
-ConfigMap is built from the shipped nginx files, its replica list names the StatefulSet's
-pods, and ports and probes match the image."""
+schemas (strict: no unknown fields), and the pieces that must agree do: the router runs the
+compose router's image, lists the StatefulSet's pods as its replicas, and ports and probes
+match the images."""
 
 from __future__ import annotations
 
@@ -44,25 +44,14 @@ def test_validation_rejects_a_misspelled_field():
         kubernetes_validate.validate(statefulset, KUBERNETES_VERSIONS[-1], strict=True)
 
 
-def test_router_config_map_is_built_from_the_shipped_nginx_files():
+def test_kustomization_applies_the_manifests():
     kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     assert kustomization["resources"] == ["kubernetes/groupwise.yaml"]
-    (generator,) = kustomization["configMapGenerator"]
-    files = dict(entry.split("=") for entry in generator["files"])
-    assert files["nginx.conf"] == "nginx/nginx.conf"  # the compose router's file, not a copy
-    assert files["listen.conf"] == "nginx/listen.conf"
-    for path in files.values():
-        assert (DEPLOY / path).is_file(), path
 
-    router = resources()["Deployment/groupwise-router"]
-    (volume,) = router["spec"]["template"]["spec"]["volumes"]
-    assert volume["configMap"]["name"] == generator["name"]
-    container = only_container(router)
-    (mount,) = container["volumeMounts"]
-    assert container["command"][container["command"].index("-c") + 1] == (
-        mount["mountPath"] + "/nginx.conf")
-    listen = re.search(r"listen\s+(\d+);", (DEPLOY / "nginx" / "listen.conf").read_text())
-    assert container["ports"][0]["containerPort"] == int(listen.group(1))
+
+def router_flag(name: str) -> str:
+    """The value deploy/router/start.sh gives a vllm-router flag."""
+    return re.search(rf"--{name} (\S+)", (DEPLOY / "router" / "start.sh").read_text()).group(1)
 
 
 def test_router_lists_every_replica_pod_by_its_stable_name():
@@ -71,11 +60,26 @@ def test_router_lists_every_replica_pod_by_its_stable_name():
     service = everything[f"Service/{statefulset['spec']['serviceName']}"]
     assert service["spec"]["clusterIP"] == "None"  # headless: per-pod DNS names
     port = only_container(statefulset)["ports"][0]["containerPort"]
-    expected = {f"groupwise-{i}.{service['metadata']['name']}.default.svc.cluster.local:{port}"
-                for i in range(statefulset["spec"]["replicas"])}
-    listed = re.findall(r"^server\s+(\S+)", (DEPLOY / "kubernetes/replicas.conf").read_text(),
-                        re.M)
-    assert set(listed) == expected
+    expected = [f"http://groupwise-{i}.{service['metadata']['name']}.default.svc.cluster.local:"
+                f"{port}" for i in range(statefulset["spec"]["replicas"])]
+    router = only_container(everything["Deployment/groupwise-router"])
+    assert router["args"] == ["--worker-urls", *expected]
+
+
+def test_router_runs_the_compose_router_image_on_its_ports():
+    router = resources()["Deployment/groupwise-router"]
+    # one router: its prefix tree is its own, a second one would split the passages
+    assert router["spec"]["replicas"] == 1
+    container = only_container(router)
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    assert compose["services"]["router"]["image"].endswith(f":-{container['image']}}}")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": int(router_flag("port")),
+                     "metrics": int(router_flag("prometheus-port"))}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readiness"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/liveness"
+    annotations = router["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["metrics"])
 
 
 def test_replica_probes_and_scrape_annotations_match_the_server():
