@@ -23,8 +23,8 @@ serve: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
-# docker-compose for the deployment tests: installed with apt-get when missing and run as
-# root; otherwise the script stops and prints the command to install it.
+# nginx and docker-compose for the deployment tests: installed with apt-get when missing and
+# run as root; otherwise the script stops and prints the command to install them.
 test-deps:
 	sh deploy/install-test-deps.sh
 

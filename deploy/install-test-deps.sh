@@ -1,26 +1,36 @@
 #!/bin/sh
-# The system tool the deployment tests drive: docker-compose 1.29 (validates the compose files
-# without a Docker engine; the router is a Python package, installed with the dev extra).
-# Installs it only when missing, with apt-get, as root; as any other user it says what is
-# missing and how to install it.
+# The system tools the deployment tests drive: nginx (the front door) and docker-compose 1.29
+# (validates the compose files without a Docker engine); the cache-aware router, vllm-router,
+# is a Python package that the dev extra installs. Installs only what is missing, with
+# apt-get, as root; as any other user it says what is missing and how to install it.
 set -eu
 
 missing=""
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     cat >&2 <<MESSAGE
-The deployment tests (tests/test_deploy_*.py) need docker-compose; missing:$missing.
-Install it, then run \`make test\` again. On Debian or Ubuntu:
+The deployment tests (tests/test_deploy_*.py) need nginx and docker-compose; missing:$missing.
+Install them, then run \`make test\` again. On Debian or Ubuntu:
 
     sudo apt-get install -y --no-install-recommends$missing
 
-(Run as root on Debian or Ubuntu, \`make test\` installs it itself.)
+(Run as root on Debian or Ubuntu, \`make test\` installs them itself.)
 MESSAGE
     exit 1
 fi
 echo "installing:$missing"
+# nginx's package starts a system nginx on port 80 unless policy-rc.d forbids it; the tests
+# start their own, so forbid it for the duration of the install.
+own_policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+fi
+trap '[ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d' EXIT
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # shellcheck disable=SC2086  # one word per package

@@ -1,7 +1,7 @@
 """Deployment files, checked without a Docker engine: the compose stack validates for every
 profile with docker-compose 1.29, the Dockerfiles pass hadolint, and the files that refer to
-each other (compose mounts, Prometheus targets, Grafana datasource, the router's replicas and
-version) agree."""
+each other (compose mounts, Prometheus targets, Grafana datasource, the routers' replicas,
+the router's version) agree."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def test_profiles_put_each_service_where_it_belongs():
     assert services["bench"]["profiles"] == ["bench"]
     assert services["server-2"]["profiles"] == ["scale"]
     assert services["router"]["profiles"] == ["scale"]
+    assert services["cache-router"]["profiles"] == ["scale"]
     replica_names = {services[name]["environment"]["GROUPWISE_REPLICA_NAME"]
                      for name in ("server", "server-2")}
     assert len(replica_names) == 2, "replicas must report different names"
@@ -179,18 +180,40 @@ def test_dashboard_has_the_panels_operators_need():
             assert re.search(rf"rate\({re.escape(counter)}\{{", expr), expr
 
 
-def test_router_routes_to_the_compose_replicas():
+def test_nginx_routes_to_the_compose_replicas_and_the_cache_aware_router():
     services = resolved_config("scale")["services"]
-    router = services["router"]
     port = int(services["server"]["ports"][0]["target"])
-    assert router["command"] == ["--worker-urls", f"http://server:{port}",
-                                 f"http://server-2:{port}"]
-    assert Path(router["build"]["context"]) == ROUTER
-    listen = re.search(r"--port (\d+)", (ROUTER / "start.sh").read_text())
+    lines = (DEPLOY / "nginx" / "replicas.conf").read_text()
+    upstreams = re.findall(r"^server\s+([\w.-]+):(\d+)", lines, re.M)
+    assert upstreams == [("server", str(port)), ("server-2", str(port))]
+    lines = (DEPLOY / "nginx" / "cache-router.conf").read_text()
+    (cache_router,) = re.findall(r"^server\s+([\w.-]+):(\d+)", lines, re.M)
+    assert cache_router == ("cache-router", router_flag("port"))
+    assert "cache-router" in services["router"]["depends_on"]
+    router = services["router"]
+    assert "/etc/nginx/groupwise/nginx.conf" in router["command"]
+    assert any(v.startswith(str(DEPLOY / "nginx") + ":/etc/nginx/groupwise")
+               for v in router["volumes"])
+    listen = re.search(r"listen\s+(\d+);", (DEPLOY / "nginx" / "listen.conf").read_text())
     assert int(listen.group(1)) == int(router["ports"][0]["target"])
-    entrypoint = re.search(r"^ENTRYPOINT (.+)$", (ROUTER / "Dockerfile").read_text(), re.M)
+
+
+def router_flag(name: str) -> str:
+    """The value deploy/router/start.sh gives a vllm-router flag."""
+    return re.search(rf"--{name} (\S+)", (ROUTER / "start.sh").read_text()).group(1)
+
+
+def test_cache_aware_router_routes_to_the_compose_replicas():
+    services = resolved_config("scale")["services"]
+    cache_router = services["cache-router"]
+    port = int(services["server"]["ports"][0]["target"])
+    assert cache_router["command"] == ["--worker-urls", f"http://server:{port}",
+                                       f"http://server-2:{port}"]
+    assert Path(cache_router["build"]["context"]) == ROUTER
+    dockerfile = (ROUTER / "Dockerfile").read_text()
+    assert "COPY start.sh /usr/local/bin/groupwise-router" in dockerfile
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M)
     assert json.loads(entrypoint.group(1))[-1] == "/usr/local/bin/groupwise-router"
-    assert "COPY start.sh /usr/local/bin/groupwise-router" in (ROUTER / "Dockerfile").read_text()
 
 
 def test_router_image_installs_the_router_version_the_tests_run():

@@ -1,7 +1,8 @@
 #!/bin/sh
-# The router in front of the groupwise replicas: vllm-router, cache-aware. Every setting of the
-# scale-out lives here; compose, Kubernetes, the tests and bench/scale.py add only where the
-# replicas are and where to listen:
+# The cache-aware router of the groupwise replicas: vllm-router, behind nginx (deploy/nginx),
+# which sends it every request without an X-Group-Id. Every setting of it lives here;
+# compose, Kubernetes, the tests and bench/scale.py add only where the replicas are and where
+# to listen:
 #     sh deploy/router/start.sh --worker-urls http://server:8000 http://server-2:8000 --port 8080
 # A flag given again after these wins (vllm-router reads its flags with argparse).
 #
