@@ -1,5 +1,5 @@
-"""The fields a cache-aware router in front of the replicas (vllm-router, deploy/router) writes
-into every chat request it passes on.
+"""The fields the cache-aware router in front of the replicas (vllm-router 0.1.17,
+deploy/router) writes into every chat request it passes on.
 
 The router parses each chat request into its own request type and sends that on with its
 defaults written out: `"skip_special_tokens": true, "no_stop_trim": false, ...`. Those values

@@ -255,10 +255,12 @@ def test_a_group_sent_at_once_meets_and_computes_its_passage_once(router):
         assert sum(computed(usage) for _, usage in answers) < 0.5 * billed, answers
 
 
-def test_streaming_passes_through_the_router_chunk_by_chunk(router):
+@pytest.mark.parametrize("headers", [{}, {"X-Group-Id": "streamed"}], ids=["prefix", "group"])
+def test_streaming_passes_through_either_router_chunk_by_chunk(router, headers):
     body = chat_body("streamed", "a question?", max_tokens=4, stream=True)
     with httpx.Client(base_url=router, timeout=30) as client, \
-            client.stream("POST", "/v1/chat/completions", json=body) as response:
+            client.stream("POST", "/v1/chat/completions", json=body,
+                          headers=headers) as response:
         assert response.status_code == 200
         assert response.headers["x-groupwise-replica"] in REPLICA_NAMES
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
