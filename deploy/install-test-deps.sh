@@ -1,9 +1,10 @@
 #!/bin/sh
-# The system tools the tests drive: nginx (the router) and docker-compose 1.29 (validates the
-# compose files without a Docker engine) for the deployment tests, and Debian's chromium for
-# the playground's browser tests (Playwright drives it; it downloads no browser of its own).
-# Installs only what is missing, with apt-get, as root; as any other user it says what is
-# missing and how to install it.
+# The system tools the tests drive: nginx (the front door) and docker-compose 1.29 (validates
+# the compose files without a Docker engine) for the deployment tests, and Debian's chromium for
+# the playground's browser tests (Playwright drives it; it downloads no browser of its own). The
+# cache-aware router, vllm-router, is a Python package that the dev extra installs. Installs
+# only what is missing, with apt-get, as root; as any other user it says what is missing and
+# how to install it.
 set -eu
 
 missing=""

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.chat import create_chat_completion
+from server.chat import create_chat_completion, encode_prompt
 from server.errors import APIError
 from server.grouped import create_grouped_completion
 from server.metrics import CONTENT_TYPE
@@ -65,6 +65,14 @@ async def retrieve_model(model_id: str, services: ServicesDep) -> dict:
 @v1.post("/chat/completions", dependencies=serving)
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep):
     return await create_chat_completion(body, request, services)
+
+
+@v1.post("/chat/completions/render", dependencies=serving)
+async def render_chat_prompt(body: ChatCompletionRequest, services: ServicesDep) -> dict:
+    """The prompt's token ids, nothing run (as vLLM's route of this name): what a cache-aware
+    router matches against the prompts each replica has seen (docs/deployment.md)."""
+    services.check_model(body.model)
+    return {"token_ids": await encode_prompt(body, services)}
 
 
 @v1.post("/grouped_completions", dependencies=serving)

@@ -105,8 +105,7 @@ async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant:
                    services: Services) -> Question:
     """Tokenizes, validates (EngineInputError -> 400) and queues (QueueFullError -> 429).
     The tenant and the cache salt scope both the prefix cache and the group hint."""
-    messages = [message.as_template_message() for message in body.messages]
-    prompt_ids = await services.encode(messages, "messages")
+    prompt_ids = await encode_prompt(body, services)
     # a default max_tokens must fit both the context and the whole KV cache
     room = min(services.engine.max_context, services.engine.pool.capacity)
     params = sampling_params(body, len(prompt_ids), room)
@@ -117,3 +116,9 @@ async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant:
     hint = body.group_id or header_hint
     services.scheduler.submit(question, (namespace, hint) if hint else None)
     return question
+
+
+async def encode_prompt(body: ChatCompletionRequest, services: Services) -> list[int]:
+    """The token ids of the request's prompt: its messages in the model's chat template."""
+    messages = [message.as_template_message() for message in body.messages]
+    return await services.encode(messages, "messages")

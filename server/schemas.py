@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from model.engine.sampling import SEED_RANGE
+from server.router_defaults import RouterDefaults
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_TEXT_CHARS = 2_000_000
@@ -78,7 +79,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RouterDefaults):
     # an unknown field is an error naming it: nothing a client asks for is silently dropped
     model_config = ConfigDict(extra="forbid")
 

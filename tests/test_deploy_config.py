@@ -1,6 +1,7 @@
 """Deployment files, checked without a Docker engine: the compose stack validates for every
-profile with docker-compose 1.29, the Dockerfile passes hadolint, and the files that refer to
-each other (compose mounts, Prometheus targets, Grafana datasource, nginx replicas) agree."""
+profile with docker-compose 1.29, the Dockerfiles pass hadolint, and the files that refer to
+each other (compose mounts, Prometheus targets, Grafana datasource, the routers' replicas,
+the router's version) agree."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "groupwise.json"
+ROUTER = DEPLOY / "router"
+DOCKERFILES = (ROOT / "Dockerfile", ROUTER / "Dockerfile")
 PROFILES = ("", "bench", "scale")
 
 
@@ -79,6 +83,7 @@ def test_profiles_put_each_service_where_it_belongs():
     assert services["bench"]["profiles"] == ["bench"]
     assert services["server-2"]["profiles"] == ["scale"]
     assert services["router"]["profiles"] == ["scale"]
+    assert services["cache-router"]["profiles"] == ["scale"]
     replica_names = {services[name]["environment"]["GROUPWISE_REPLICA_NAME"]
                      for name in ("server", "server-2")}
     assert len(replica_names) == 2, "replicas must report different names"
@@ -105,8 +110,9 @@ def test_gpu_override_reserves_a_gpu_per_replica_and_builds_for_cuda():
     assert "deploy" not in resolved_config("scale")["services"]["server"]
 
 
-def test_dockerfile_passes_hadolint():
-    result = subprocess.run([require_tool("hadolint"), "Dockerfile"], cwd=ROOT,
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=["server", "router"])
+def test_dockerfile_passes_hadolint(dockerfile):
+    result = subprocess.run([require_tool("hadolint"), str(dockerfile)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -174,16 +180,45 @@ def test_dashboard_has_the_panels_operators_need():
             assert re.search(rf"rate\({re.escape(counter)}\{{", expr), expr
 
 
-def test_nginx_replicas_are_the_compose_replicas():
+def test_nginx_routes_to_the_compose_replicas_and_the_cache_aware_router():
     services = resolved_config("scale")["services"]
+    port = int(services["server"]["ports"][0]["target"])
     lines = (DEPLOY / "nginx" / "replicas.conf").read_text()
     upstreams = re.findall(r"^server\s+([\w.-]+):(\d+)", lines, re.M)
-    assert {host for host, _ in upstreams} == {"server", "server-2"}
-    for host, port in upstreams:
-        assert int(port) == int(services["server"]["ports"][0]["target"]), host
+    assert upstreams == [("server", str(port)), ("server-2", str(port))]
+    lines = (DEPLOY / "nginx" / "cache-router.conf").read_text()
+    (cache_router,) = re.findall(r"^server\s+([\w.-]+):(\d+)", lines, re.M)
+    assert cache_router == ("cache-router", router_flag("port"))
+    assert "cache-router" in services["router"]["depends_on"]
     router = services["router"]
     assert "/etc/nginx/groupwise/nginx.conf" in router["command"]
     assert any(v.startswith(str(DEPLOY / "nginx") + ":/etc/nginx/groupwise")
                for v in router["volumes"])
     listen = re.search(r"listen\s+(\d+);", (DEPLOY / "nginx" / "listen.conf").read_text())
     assert int(listen.group(1)) == int(router["ports"][0]["target"])
+
+
+def router_flag(name: str) -> str:
+    """The value deploy/router/start.sh gives a vllm-router flag."""
+    return re.search(rf"--{name} (\S+)", (ROUTER / "start.sh").read_text()).group(1)
+
+
+def test_cache_aware_router_routes_to_the_compose_replicas():
+    services = resolved_config("scale")["services"]
+    cache_router = services["cache-router"]
+    port = int(services["server"]["ports"][0]["target"])
+    assert cache_router["command"] == ["--worker-urls", f"http://server:{port}",
+                                       f"http://server-2:{port}"]
+    assert Path(cache_router["build"]["context"]) == ROUTER
+    dockerfile = (ROUTER / "Dockerfile").read_text()
+    assert "COPY start.sh /usr/local/bin/groupwise-router" in dockerfile
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M)
+    assert json.loads(entrypoint.group(1))[-1] == "/usr/local/bin/groupwise-router"
+
+
+def test_router_image_installs_the_router_version_the_tests_run():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["dev"]
+    (tested,) = [spec for spec in extras if spec.startswith("vllm-router")]
+    shipped = re.search(r"VLLM_ROUTER_VERSION=(\S+)", (ROUTER / "Dockerfile").read_text())
+    assert tested == f"vllm-router=={shipped.group(1)}"

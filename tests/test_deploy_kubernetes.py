@@ -1,7 +1,7 @@
 """The Kubernetes mapping of the scale-out: the manifests validate against the Kubernetes API
-schemas (strict: no unknown fields), and the pieces that must agree do: the router's
-ConfigMap is built from the shipped nginx files, its replica list names the StatefulSet's
-pods, and ports and probes match the image."""
+schemas (strict: no unknown fields), and the pieces that must agree do: nginx's ConfigMap is
+built from the shipped nginx files, nginx and the cache-aware router list the StatefulSet's
+pods, nginx finds the cache-aware router's Service, and ports and probes match the images."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def test_router_config_map_is_built_from_the_shipped_nginx_files():
     files = dict(entry.split("=") for entry in generator["files"])
     assert files["nginx.conf"] == "nginx/nginx.conf"  # the compose router's file, not a copy
     assert files["listen.conf"] == "nginx/listen.conf"
+    assert set(files) == {"nginx.conf", "listen.conf", "replicas.conf", "cache-router.conf"}
     for path in files.values():
         assert (DEPLOY / path).is_file(), path
 
@@ -65,17 +66,59 @@ def test_router_config_map_is_built_from_the_shipped_nginx_files():
     assert container["ports"][0]["containerPort"] == int(listen.group(1))
 
 
-def test_router_lists_every_replica_pod_by_its_stable_name():
+def replica_pods() -> list[str]:
+    """host:port of every StatefulSet pod, by its stable name."""
     everything = resources()
     statefulset = everything["StatefulSet/groupwise"]
     service = everything[f"Service/{statefulset['spec']['serviceName']}"]
     assert service["spec"]["clusterIP"] == "None"  # headless: per-pod DNS names
     port = only_container(statefulset)["ports"][0]["containerPort"]
-    expected = {f"groupwise-{i}.{service['metadata']['name']}.default.svc.cluster.local:{port}"
-                for i in range(statefulset["spec"]["replicas"])}
+    return [f"groupwise-{i}.{service['metadata']['name']}.default.svc.cluster.local:{port}"
+            for i in range(statefulset["spec"]["replicas"])]
+
+
+def test_both_routers_list_every_replica_pod_by_its_stable_name():
     listed = re.findall(r"^server\s+(\S+)", (DEPLOY / "kubernetes/replicas.conf").read_text(),
                         re.M)
-    assert set(listed) == expected
+    assert listed == replica_pods()
+    cache_router = only_container(resources()["Deployment/groupwise-cache-router"])
+    assert cache_router["args"] == ["--worker-urls", *(f"http://{pod}" for pod in replica_pods())]
+
+
+def router_flag(name: str) -> str:
+    """The value deploy/router/start.sh gives a vllm-router flag."""
+    return re.search(rf"--{name} (\S+)", (DEPLOY / "router" / "start.sh").read_text()).group(1)
+
+
+def test_nginx_finds_the_cache_aware_router_on_its_service():
+    everything = resources()
+    deployment = everything["Deployment/groupwise-cache-router"]
+    # one router: its prefix tree is its own, a second one would split the passages
+    assert deployment["spec"]["replicas"] == 1
+    service = everything["Service/groupwise-cache-router"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    (port,) = service["spec"]["ports"]
+    (named,) = re.findall(r"^server\s+(\S+)",
+                          (DEPLOY / "kubernetes/cache-router.conf").read_text(), re.M)
+    assert named == f"groupwise-cache-router.default.svc.cluster.local:{port['port']}"
+    container = only_container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port["targetPort"] == "http"
+    assert ports == {"http": int(router_flag("port")),
+                     "metrics": int(router_flag("prometheus-port"))}
+
+
+def test_cache_aware_router_runs_the_compose_image_with_its_probes():
+    deployment = resources()["Deployment/groupwise-cache-router"]
+    container = only_container(deployment)
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    assert compose["services"]["cache-router"]["image"].endswith(f":-{container['image']}}}")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readiness"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/liveness"
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == router_flag("prometheus-port")
+    security = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] == 10001
 
 
 def test_replica_probes_and_scrape_annotations_match_the_server():

@@ -1,7 +1,9 @@
 """The shipped scale-out and monitoring configuration against real processes on this machine:
-two `python -m server --model tiny-random` replicas behind a real nginx running the shipped
-deploy/nginx/nginx.conf (only its two topology includes are written for the test ports), and
-the metric names the Prometheus rules and the Grafana dashboard use, checked against /metrics.
+two `python -m server --model tiny-random` replicas behind the shipped front door (a real nginx
+running deploy/nginx/nginx.conf) and the real cache-aware router (vllm-router, run by the
+shipped deploy/router/start.sh); only where things listen and where the replicas are is written
+for the test. And the metric names the Prometheus rules and the Grafana dashboard use, checked
+against /metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.scale import router_command, router_env
 from tests.test_deploy_config import DASHBOARD, DEPLOY, ROOT, require_tool
 
 NGINX_DIR = DEPLOY / "nginx"
@@ -31,6 +35,8 @@ NUM_GROUPS = 12
 # long enough for concurrent questions to meet even on a busy machine.
 GROUP_SIZE, MAX_WAIT_MS = 4, 100
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus at scrape time, not by the server
+# a chat request a replica ran (its access log line), not a /render of one
+CHAT_RUN = re.compile(r'"POST /v1/chat/completions HTTP/1\.1" 200')
 
 
 def free_port() -> int:
@@ -54,6 +60,7 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """SIGTERM: replicas drain, the cache-aware router shuts down; nginx wants SIGQUIT."""
     if process.poll() is None:
         process.send_signal(sig)
         try:
@@ -63,178 +70,290 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             process.wait()
 
 
-def nginx_version() -> tuple[int, ...]:
-    banner = subprocess.run([require_tool("nginx"), "-v"], capture_output=True, text=True).stderr
-    return tuple(int(part) for part in re.search(r"nginx/([\d.]+)", banner).group(1).split("."))
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
-def render_replicas(shipped: str, replica_ports: list[int]) -> str:
-    """The shipped replicas.conf with its host:port fields replaced, in order. Re-resolving
-    names (`resolver`, `resolve`) needs nginx >= 1.27.3 and means nothing for IP addresses,
-    so it is dropped for an older local nginx; every other parameter stays."""
-    ports = iter(replica_ports)
-    text = re.sub(r"^server\s+\S+:\d+", lambda _: f"server 127.0.0.1:{next(ports)}", shipped,
-                  flags=re.M)
-    assert next(ports, None) is None, "the shipped replicas.conf lists fewer replicas"
-    if nginx_version() < (1, 27, 3):
-        text = re.sub(r"^resolver .*\n", "", text, flags=re.M).replace(" resolve ", " ")
-    return text
-
-
-def render_router(conf_dir: Path, listen_port: int, replica_ports: list[int]) -> Path:
-    """The shipped nginx.conf, verbatim, beside listen.conf and replicas.conf for this
-    machine's ports."""
-    conf_dir.mkdir()
-    (conf_dir / "nginx.conf").write_text((NGINX_DIR / "nginx.conf").read_text())
-    (conf_dir / "listen.conf").write_text(f"listen 127.0.0.1:{listen_port};\n")
-    replicas = render_replicas((NGINX_DIR / "replicas.conf").read_text(), replica_ports)
-    (conf_dir / "replicas.conf").write_text(replicas)
-    return conf_dir / "nginx.conf"
-
-
-def start_router(tmp: Path, replica_ports: list[int]) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    conf = render_router(tmp, port, replica_ports)
-    log = tmp / "nginx.log"
-    command = [require_tool("nginx"), "-c", str(conf), "-e", "stderr",
-               "-g", f"daemon off; pid {tmp / 'nginx.pid'};"]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(url + "/router/health", process, log, timeout=20)
-    return url, process
-
-
-@pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
-    """name -> base URL of each running replica."""
-    tmp = tmp_path_factory.mktemp("replicas")
-    processes, urls = [], {}
+@contextmanager
+def running_replicas(tmp: Path):
+    """name -> (base URL, process, log) of each replica, all answering /health."""
+    replicas = {}
     try:
         for name in REPLICA_NAMES:
             port, log = free_port(), tmp / f"{name}.log"
             command = [sys.executable, "-m", "server", "--model", "tiny-random", "--host",
                        "127.0.0.1", "--port", str(port), "--replica-name", name, "--threads", "1",
                        "--max-group-size", str(GROUP_SIZE), "--max-wait-ms", str(MAX_WAIT_MS)]
-            processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"),
-                                              stderr=subprocess.STDOUT))
-            urls[name] = (f"http://127.0.0.1:{port}", processes[-1], log)
-        for url, process, log in urls.values():
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"),
+                                       stderr=subprocess.STDOUT)
+            replicas[name] = (f"http://127.0.0.1:{port}", process, log)
+        for url, process, log in replicas.values():
             wait_for_http(url + "/health", process, log)
-        yield {name: url for name, (url, _, _) in urls.items()}
+        yield replicas
     finally:
-        for process in processes:
+        for _, process, _ in replicas.values():
             stop(process)
 
 
-@pytest.fixture(scope="module")
-def router(replicas, tmp_path_factory):
-    ports = [int(url.rsplit(":", 1)[1]) for url in replicas.values()]
-    url, process = start_router(tmp_path_factory.mktemp("router") / "conf", ports)
+@contextmanager
+def running_cache_router(tmp: Path, worker_urls: list[str]):
+    """The shipped cache-aware router over `worker_urls`; yields its base URL."""
+    port, log = free_port(), tmp / "cache-router.log"
+    process = subprocess.Popen(router_command(worker_urls, port, free_port()), cwd=ROOT,
+                               env=router_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
     try:
+        wait_for_http(url + "/liveness", process, log, timeout=30)
+        yield url
+    finally:
+        stop(process)
+
+
+def nginx_version() -> tuple[int, ...]:
+    banner = subprocess.run([require_tool("nginx"), "-v"], capture_output=True, text=True).stderr
+    return tuple(int(part) for part in re.search(r"nginx/([\d.]+)", banner).group(1).split("."))
+
+
+def render_servers(shipped: str, ports: list[int]) -> str:
+    """A shipped upstream include with its host:port fields replaced, in order. Re-resolving
+    names (`resolver`, `resolve`) needs nginx >= 1.27.3 and means nothing for IP addresses,
+    so it is dropped for an older local nginx; every other parameter stays."""
+    remaining = iter(ports)
+    text = re.sub(r"^server\s+\S+:\d+", lambda _: f"server 127.0.0.1:{next(remaining)}", shipped,
+                  flags=re.M)
+    assert next(remaining, None) is None, "the shipped include lists fewer servers"
+    if nginx_version() < (1, 27, 3):
+        text = re.sub(r"^resolver .*\n", "", text, flags=re.M).replace(" resolve ", " ")
+    return text
+
+
+@contextmanager
+def running_front_door(tmp: Path, replica_ports: list[int], cache_router_port: int):
+    """The shipped nginx.conf, verbatim, beside its three includes for this machine's ports;
+    yields its base URL."""
+    tmp.mkdir()
+    port = free_port()
+    (tmp / "nginx.conf").write_text((NGINX_DIR / "nginx.conf").read_text())
+    (tmp / "listen.conf").write_text(f"listen 127.0.0.1:{port};\n")
+    for include, ports in (("replicas.conf", replica_ports),
+                           ("cache-router.conf", [cache_router_port])):
+        (tmp / include).write_text(render_servers((NGINX_DIR / include).read_text(), ports))
+    log = tmp / "nginx.log"
+    command = [require_tool("nginx"), "-c", str(tmp / "nginx.conf"), "-e", "stderr",
+               "-g", f"daemon off; pid {tmp / 'nginx.pid'};"]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/router/health", process, log, timeout=20)
         yield url
     finally:
         stop(process, signal.SIGQUIT)  # nginx: graceful shutdown
 
 
-def ask(client: httpx.Client, group_id: str | None, stream: bool = False) -> httpx.Response:
-    body = {"model": "tiny-random", "max_tokens": 2, "stream": stream,
-            "messages": [{"role": "user", "content": f"a question about {group_id}"}]}
-    headers = {"X-Group-Id": group_id} if group_id else {}
-    return client.post("/v1/chat/completions", json=body, headers=headers)
+@contextmanager
+def scale_out(tmp: Path, replica_urls: list[str]):
+    """The front door and the cache-aware router over `replica_urls`: the door's URL."""
+    with running_cache_router(tmp, replica_urls) as cache_router, \
+            running_front_door(tmp / "nginx", [port_of(url) for url in replica_urls],
+                               port_of(cache_router)) as url:
+        yield url
 
 
-def replicas_by_group(router_url: str, group_ids: list[str], per_group: int) -> dict:
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """name -> base URL of each running replica."""
+    with running_replicas(tmp_path_factory.mktemp("replicas")) as running:
+        yield {name: url for name, (url, _, _) in running.items()}
+
+
+@pytest.fixture(scope="module")
+def router(replicas, tmp_path_factory):
+    """The front door's URL."""
+    with scale_out(tmp_path_factory.mktemp("routers"), list(replicas.values())) as url:
+        yield url
+
+
+def passage(tag: str) -> str:
+    return f"{tag}: " + "a passage that every question about it repeats first. " * 8
+
+
+def chat_body(tag: str, question: str, **fields) -> dict:
+    return {"model": "tiny-random", "max_tokens": 2,
+            "messages": [{"role": "system", "content": passage(tag)},
+                         {"role": "user", "content": question}], **fields}
+
+
+async def ask_all(router_url: str, bodies: list[dict], headers: dict | None = None) -> list:
+    """(replica, usage) of each body, all sent at once."""
+    async with httpx.AsyncClient(base_url=router_url, timeout=60) as client:
+        async def one(body: dict):
+            response = await client.post("/v1/chat/completions", json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            return response.headers["x-groupwise-replica"], response.json()["usage"]
+
+        return await asyncio.gather(*(one(body) for body in bodies))
+
+
+def computed(usage: dict) -> int:
+    return usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_questions_sharing_a_passage_stay_on_one_replica_and_passages_spread(router):
+    """No hints: the first question of each of 8 passages at once (long enough to be in flight
+    together, so the least busy replica differs from one to the next), then two more rounds.
+    Every later question finds its passage computed on the replica it is sent to."""
+    tags = [f"spread-{i}" for i in range(8)]
     seen = defaultdict(set)
-    with httpx.Client(base_url=router_url, timeout=30) as client:
-        # A group's questions back to back, as they arrive: round-robin would split them.
-        for group_id in group_ids:
-            for _ in range(per_group):
-                response = ask(client, group_id)
-                assert response.status_code == 200, response.text
-                assert response.json()["usage"]["completion_tokens"] >= 1
-                seen[group_id].add(response.headers["x-groupwise-replica"])
-    return seen
+    first = asyncio.run(ask_all(router, [
+        chat_body(tag, "question 0?", max_tokens=16, ignore_eos=True) for tag in tags]))
+    for tag, (name, _) in zip(tags, first):
+        seen[tag].add(name)
+    for round_number in (1, 2):
+        answers = asyncio.run(ask_all(router, [chat_body(tag, f"question {round_number}?")
+                                               for tag in tags]))
+        for tag, (name, usage) in zip(tags, answers):
+            seen[tag].add(name)
+            assert computed(usage) < 0.2 * usage["prompt_tokens"], (tag, usage)
+    split = {tag: names for tag, names in seen.items() if len(names) != 1}
+    assert not split, f"passages answered by several replicas: {split}"
+    used = {name for names in seen.values() for name in names}
+    assert used == set(REPLICA_NAMES), f"8 passages all went to {used}"
+
+
+def ask(client: httpx.Client, group_id: str) -> httpx.Response:
+    body = {"model": "tiny-random", "max_tokens": 2,
+            "messages": [{"role": "user", "content": f"a question about {group_id}"}]}
+    return client.post("/v1/chat/completions", json=body, headers={"X-Group-Id": group_id})
 
 
 def test_one_group_stays_on_one_replica_and_groups_spread(router):
-    group_ids = [f"context-{i}" for i in range(NUM_GROUPS)]
-    seen = replicas_by_group(router, group_ids, per_group=3)
+    """X-Group-Id: nginx hashes it. A group's questions back to back, as they arrive; its
+    prompt is not what routes it (each question has its own)."""
+    seen = defaultdict(set)
+    with httpx.Client(base_url=router, timeout=30) as client:
+        for group_id in [f"context-{i}" for i in range(NUM_GROUPS)]:
+            for _ in range(3):
+                response = ask(client, group_id)
+                assert response.status_code == 200, response.text
+                seen[group_id].add(response.headers["x-groupwise-replica"])
     split = {group: names for group, names in seen.items() if len(names) != 1}
     assert not split, f"groups answered by several replicas: {split}"
     used = {name for names in seen.values() for name in names}
     assert used == set(REPLICA_NAMES), f"{NUM_GROUPS} groups all went to {used}"
 
 
-def test_requests_without_a_group_id_spread(router):
-    with httpx.Client(base_url=router, timeout=30) as client:
-        names = {client.get("/v1/models").headers["x-groupwise-replica"] for _ in range(24)}
-    assert names == set(REPLICA_NAMES)
+def test_a_group_sent_at_once_meets_and_computes_its_passage_once(router):
+    """GROUP_SIZE questions about one passage sent together with X-Group-Id: one replica,
+    one group, the passage computed once."""
+    for group in range(4):
+        tag = f"group-{group}"
+        answers = asyncio.run(ask_all(router, [chat_body(tag, f"question {i}?")
+                                               for i in range(GROUP_SIZE)],
+                                      {"X-Group-Id": tag}))
+        assert len({name for name, _ in answers}) == 1, answers
+        billed = sum(usage["prompt_tokens"] for _, usage in answers)
+        assert sum(computed(usage) for _, usage in answers) < 0.5 * billed, answers
 
 
-def test_streaming_passes_through_the_router_token_by_token(router):
-    expected = replicas_by_group(router, ["streamed"], per_group=1)["streamed"]
-    with httpx.Client(base_url=router, timeout=30) as client:
-        body = {"model": "tiny-random", "max_tokens": 4, "stream": True,
-                "messages": [{"role": "user", "content": "a question about streamed"}]}
-        with client.stream("POST", "/v1/chat/completions", json=body,
-                           headers={"X-Group-Id": "streamed"}) as response:
-            assert response.status_code == 200
-            assert {response.headers["x-groupwise-replica"]} == expected
-            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+@pytest.mark.parametrize("headers", [{}, {"X-Group-Id": "streamed"}], ids=["prefix", "group"])
+def test_streaming_passes_through_either_router_chunk_by_chunk(router, headers):
+    body = chat_body("streamed", "a question?", max_tokens=4, stream=True)
+    with httpx.Client(base_url=router, timeout=30) as client, \
+            client.stream("POST", "/v1/chat/completions", json=body,
+                          headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["x-groupwise-replica"] in REPLICA_NAMES
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert len(events) >= 3  # several chunks, not one buffered body
 
 
-def test_groups_of_a_dead_replica_move_to_a_live_one(replicas, tmp_path):
-    """Router over one live replica and one closed port: every group is still answered,
-    POSTs included (the dead one never saw them, so nginx may send them on)."""
-    live_name, live_url = next(iter(replicas.items()))
-    live_port = int(live_url.rsplit(":", 1)[1])
-    url, process = start_router(tmp_path / "conf", [live_port, free_port()])
-    try:
-        seen = replicas_by_group(url, [f"orphan-{i}" for i in range(8)], per_group=1)
-    finally:
-        stop(process, signal.SIGQUIT)
-    assert {name for names in seen.values() for name in names} == {live_name}
-
-
-async def ask_group_at_once(client: httpx.AsyncClient, tag: str, send_header: bool) -> list:
-    """GROUP_SIZE questions about one shared passage, sent together; the body hint always."""
-    passage = f"{tag}: " + "a passage every question of this group shares. " * 8
-    headers = {"X-Group-Id": tag} if send_header else {}
-
-    async def one(index: int) -> dict:
-        body = {"model": "tiny-random", "max_tokens": 2, "group_id": tag,
-                "messages": [{"role": "system", "content": passage},
-                             {"role": "user", "content": f"question {index}?"}]}
-        response = await client.post("/v1/chat/completions", json=body, headers=headers)
+def test_grouped_requests_and_the_model_list_reach_a_replica(router):
+    body = {"context": passage("grouped"), "questions": ["first?", "second?"], "max_tokens": 2}
+    with httpx.Client(base_url=router, timeout=30) as client:
+        response = client.post("/v1/grouped_completions", json=body)
         assert response.status_code == 200, response.text
-        return response.json()["usage"]
-
-    return await asyncio.gather(*(one(i) for i in range(GROUP_SIZE)))
-
-
-def prompt_tokens(router_url: str, tag: str, send_header: bool) -> tuple[int, int]:
-    """(billed, computed) prompt tokens over four groups."""
-    async def run() -> list:
-        async with httpx.AsyncClient(base_url=router_url, timeout=30) as client:
-            return [u for g in range(4) for u in await ask_group_at_once(
-                client, f"{tag}-{g}", send_header)]
-
-    usages = asyncio.run(run())
-    billed = sum(u["prompt_tokens"] for u in usages)
-    return billed, billed - sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        assert len(response.json()["answers"]) == 2
+        with client.stream("POST", "/v1/grouped_completions",
+                           json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            assert list(streamed.iter_lines())[-2:] == ["data: [DONE]", ""]
+        models = client.get("/v1/models")
+    assert models.headers["x-groupwise-replica"] in REPLICA_NAMES
+    assert [card["id"] for card in models.json()["data"]] == ["tiny-random"]
 
 
-def test_group_affinity_is_what_saves_prompt_compute(router):
-    """With X-Group-Id a group meets on one replica and computes its passage once; with only
-    the body hint (invisible to nginx) its questions spread and each replica computes the
-    passage again."""
-    billed_together, computed_together = prompt_tokens(router, "grouped", send_header=True)
-    billed_spread, computed_spread = prompt_tokens(router, "spreads", send_header=False)
-    assert billed_together == billed_spread
-    assert computed_together < 0.5 * billed_together
-    assert computed_together < computed_spread
+def test_bad_requests_get_the_replicas_errors_in_openai_shape(router):
+    """Fields the router does not know pass through it to the replica, which names them;
+    so do values of the router's own fields that ask for what no replica does."""
+    with httpx.Client(base_url=router, timeout=30) as client:
+        for field, value in (("frobnicate", 1), ("skip_special_tokens", False)):
+            response = client.post("/v1/chat/completions",
+                                   json=chat_body("bad", "a question?", **{field: value}))
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == field
+            assert response.headers["x-groupwise-replica"] in REPLICA_NAMES
+
+
+def test_traffic_of_a_dead_replica_goes_to_the_live_one(replicas, tmp_path):
+    """Both routers over one live replica and a closed port: every request is answered by
+    the live replica, with a group id or without (nothing reached the dead one, so either
+    router may send it on)."""
+    live_name, live_url = next(iter(replicas.items()))
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    with scale_out(tmp_path, [live_url, dead_url]) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        names = set()
+        for i in range(8):
+            for headers in ({"X-Group-Id": f"orphan-{i}"}, {}):
+                response = client.post("/v1/chat/completions", headers=headers,
+                                       json=chat_body(f"orphan-{i}", "a question?"))
+                assert response.status_code == 200, response.text
+                names.add(response.headers["x-groupwise-replica"])
+    assert names == {live_name}
+
+
+def test_a_stopped_replica_finishes_what_it_started_and_its_traffic_moves(tmp_path):
+    """SIGTERM to the replica holding a passage while three streams run on it: the streams
+    finish there; the passage's next questions go to the other replica, while the stopped one
+    drains (503: never started) and after it has exited (connection refused). Every request
+    ran exactly once: the replicas' access logs hold one answered chat request per request."""
+    with running_replicas(tmp_path) as running, \
+            scale_out(tmp_path, [url for url, _, _ in running.values()]) as router_url, \
+            httpx.Client(base_url=router_url, timeout=60) as client, ExitStack() as open_streams:
+        first = client.post("/v1/chat/completions", json=chat_body("stopped", "first?"))
+        holder = first.headers["x-groupwise-replica"]
+        (other,) = set(REPLICA_NAMES) - {holder}
+        streams = []
+        for i in range(3):
+            body = chat_body("stopped", f"stream {i}?", max_tokens=48, ignore_eos=True,
+                             stream=True)
+            stream = open_streams.enter_context(
+                client.stream("POST", "/v1/chat/completions", json=body))
+            lines = stream.iter_lines()
+            assert next(line for line in lines if '"content"' in line)  # it runs
+            assert stream.headers["x-groupwise-replica"] == holder
+            streams.append(lines)
+        _, holder_process, holder_log = running[holder]
+        holder_process.terminate()
+
+        def answered_by() -> str:
+            response = client.post("/v1/chat/completions", json=chat_body("stopped", "next?"))
+            assert response.status_code == 200, response.text
+            return response.headers["x-groupwise-replica"]
+
+        while_draining = [answered_by() for _ in range(4)]
+        for lines in streams:
+            rest = [line for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]"
+            assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        holder_process.wait(timeout=30)
+        after_exit = [answered_by() for _ in range(2)]
+        _, _, other_log = running[other]
+        ran = {holder: len(CHAT_RUN.findall(holder_log.read_text())),
+               other: len(CHAT_RUN.findall(other_log.read_text()))}
+    assert while_draining + after_exit == [other] * 6
+    assert ran == {holder: 1 + 3, other: 6}
 
 
 # --- metric names: what Prometheus and Grafana query is what the server exports ----------

@@ -1,0 +1,220 @@
+"""Several replicas behind the router against one replica: how much of the prompt each way of
+routing computes, on the load bench's burst and trickle patterns without group hints.
+
+    python -m bench.scale                                  # 2 replicas, --threads 1 each
+    python -m bench.scale --replicas 3 --json scale.json
+    python -m bench.scale --routings cache-aware,one-replica --scenarios trickle
+
+Each routing runs on servers started here, fresh (no passage in any cache), stopped after it:
+  cache-aware  --replicas replicas behind the router as shipped (deploy/router/start.sh)
+  least-busy   the same router with prefix matching off (--cache-threshold 1): every request to
+               the replica with the fewest requests in flight
+  one-replica  the bench straight at one replica
+Replicas are `python -m server --replica-name replica-I` plus --server-args. The scenarios run one
+after the other, each on its own passages, the same for every routing. One markdown table: per
+scenario and routing, the computed share of the prompt tokens, the prompt tokens billed and
+computed, request throughput, TTFT p50 and failed requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import load
+from bench.compare import REPO, Case, case_offsets, free_port, load_args, wait_healthy
+from bench.run_squad import _positive
+
+ROUTER_SCRIPT = REPO / "deploy" / "router" / "start.sh"
+
+
+@dataclass(frozen=True)
+class Routing:
+    name: str
+    behind_router: bool  # --replicas replicas behind the router; else one replica, no router
+    router_flags: tuple[str, ...] = ()
+
+
+ROUTINGS = (
+    Routing("cache-aware", True),
+    Routing("least-busy", True, ("--cache-threshold", "1")),  # no match is ever over 100%
+    Routing("one-replica", False),
+)
+SCENARIOS = ("burst", "trickle")
+
+# (label, key in bench.load's summary, format)
+COLUMNS = (
+    ("computed share", "computed_share", "{:.3f}"),
+    ("prompt tokens billed", "prompt_tokens_billed", "{:,}"),
+    ("prompt tokens computed", "prompt_tokens_computed", "{:,}"),
+    ("req/s", "request_throughput", "{:.2f}"),
+    ("TTFT p50 (ms)", "median_ttft_ms", "{:.0f}"),
+    ("failed", "failed", "{}"),
+)
+
+
+def router_command(worker_urls: list[str], port: int, metrics_port: int,
+                   flags: tuple[str, ...] = ()) -> list[str]:
+    """The shipped router on this machine: only where the replicas are and where to listen
+    (API and metrics, on the loopback) are added, then `flags`."""
+    return ["sh", str(ROUTER_SCRIPT), "--worker-urls", *worker_urls, "--host", "127.0.0.1",
+            "--port", str(port), "--prometheus-host", "127.0.0.1",
+            "--prometheus-port", str(metrics_port), *flags]
+
+
+def router_env() -> dict[str, str]:
+    """The router installed beside this interpreter (the virtualenv's bin/, which need not be
+    on PATH), else the one on PATH."""
+    binary = Path(sys.executable).with_name("vllm-router")
+    return os.environ | {"VLLM_ROUTER": str(binary)} if binary.exists() else dict(os.environ)
+
+
+def replica_command(port: int, index: int, extra: str) -> list[str]:
+    return [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--replica-name", f"replica-{index}", *shlex.split(extra)]
+
+
+@contextmanager
+def started(name: str, command: list[str], logs: Path,
+            env: dict | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A process with its output in logs/NAME.log; SIGTERM at the end (replicas drain, the
+    router shuts down), killed if it is still there a minute later."""
+    log = logs / f"{name}.log"
+    print(f"starting {name}: {shlex.join(command)} (log: {log})", file=sys.stderr)
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                                   env=env)
+        try:
+            yield process, log
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextmanager
+def serving(routing: Routing, replicas: int, server_args: str, logs: Path,
+            timeout_s: float) -> Iterator[str]:
+    """The URL the bench sends to: the router, or the one replica. The replicas load their
+    model at the same time; the router starts once they all answer /health."""
+    count = replicas if routing.behind_router else 1
+    with ExitStack() as stack:
+        urls = []
+        for index in range(1, count + 1):
+            port = free_port()
+            name = f"{routing.name}-replica-{index}"
+            process, log = stack.enter_context(
+                started(name, replica_command(port, index, server_args), logs))
+            urls.append((f"http://127.0.0.1:{port}", process, name, log))
+        for url, process, name, log in urls:
+            wait_healthy(url, process, name, log, timeout_s)
+        if not routing.behind_router:
+            yield urls[0][0]
+            return
+        port = free_port()
+        command = router_command([url for url, *_ in urls], port, free_port(),
+                                 routing.router_flags)
+        process, log = stack.enter_context(
+            started(f"{routing.name}-router", command, logs, router_env()))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process, f"{routing.name}-router", log, timeout_s)
+        yield url
+
+
+def cases(contexts: int, names: list[str]) -> tuple[Case, ...]:
+    """The scenarios, without group hints: sharing comes from the prefix caches alone."""
+    every = tuple(Case(name, name, ("--contexts", str(contexts)), hints=False)
+                  for name in SCENARIOS)
+    return tuple(case for case in every if case.name in names)
+
+
+def table_row(scenario: str, routing: str, summary: dict) -> dict:
+    return {"scenario": scenario, "routing": routing,
+            **{key: summary[key] for _, key, _ in COLUMNS}}
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["scenario", "routing", *(label for label, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "--:|" * len(COLUMNS)]
+    for row in rows:
+        cells = ["-" if row[key] is None else form.format(row[key]) for _, key, form in COLUMNS]
+        lines.append("| " + " | ".join([row["scenario"], row["routing"], *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _names(known: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"pick from {', '.join(known)}; got {text!r}")
+        return names
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=_positive(int), default=2,
+                        help="replicas behind the router (default 2)")
+    parser.add_argument("--server-args", default="--threads 1",
+                        help="flags for every `python -m server` (default \"--threads 1\")")
+    routing_names = tuple(routing.name for routing in ROUTINGS)
+    parser.add_argument("--routings", type=_names(routing_names), default=list(routing_names),
+                        help="comma-separated subset of " + ", ".join(routing_names))
+    parser.add_argument("--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS),
+                        help="comma-separated subset of " + ", ".join(SCENARIOS))
+    parser.add_argument("--contexts", type=_positive(int), default=8,
+                        help="passages per scenario (default 8)")
+    parser.add_argument("--max-tokens", type=_positive(int), default=96,
+                        help="most generated tokens per question (default 96)")
+    parser.add_argument("--timeout", type=_positive(float), default=600.0,
+                        help="seconds per request (default 600)")
+    parser.add_argument("--start-timeout", type=_positive(float), default=600.0,
+                        help="seconds a started server may take to become healthy (default 600)")
+    parser.add_argument("--json", help="write the table's rows and every run here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = cases(args.contexts, args.scenarios)
+    offsets = case_offsets(chosen)
+    common = ["--max-tokens", str(args.max_tokens), "--timeout", str(args.timeout)]
+    logs = Path(tempfile.mkdtemp(prefix="groupwise-scale-"))
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    rows, runs = [], []
+    for routing in (r for r in ROUTINGS if r.name in args.routings):
+        with serving(routing, args.replicas, args.server_args, logs, args.start_timeout) as url:
+            for case in chosen:
+                print(f"{case.name} via {routing.name}", file=sys.stderr)
+                result = load.run_load(load_args(case, url, offsets[case.name], False, common))
+                runs.append({"scenario": case.name, "routing": routing.name, **result})
+                rows.append(table_row(case.name, routing.name,
+                                      load.question_summary(result["rounds"][0])))
+    rows.sort(key=lambda row: args.scenarios.index(row["scenario"]))
+    if args.json:
+        config = {"replicas": args.replicas, "server_args": args.server_args,
+                  "routings": args.routings, "scenarios": args.scenarios,
+                  "contexts": args.contexts, "max_tokens": args.max_tokens,
+                  "started_at": started_at}
+        payload = {"config": config, "rows": rows, "runs": runs}
+        Path(args.json).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
