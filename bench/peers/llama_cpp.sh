@@ -65,5 +65,5 @@ if [[ "$build_only" == 1 ]]; then
 fi
 
 GGUF="$(cd "$REPO" && "$PYTHON" -c \
-    "from model.loading import embedded_gguf_path; print(embedded_gguf_path())")"
+    "from model.weights.loading import embedded_gguf_path; print(embedded_gguf_path())")"
 exec "$BIN" -m "$GGUF" -np 8 -c 8192 -t 2 --host 127.0.0.1 --port "${PORT:-8081}" "$@"
