@@ -44,9 +44,13 @@ build() {
         exit 1
     }
     echo "llama_cpp.sh: building llama-server from $src" >&2
-    # No web UI: LLAMA_USE_PREBUILT_UI would try to download it at build time.
+    # No web UI: LLAMA_USE_PREBUILT_UI would try to download it at build time. No AMX: where
+    # the kernel does not grant a process the tile state, its first tile instruction kills
+    # llama-server (illegal instruction); AVX-512 and VNNI still serve, as for our kernels.
+    local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     cmake -S "$src" -B "$CACHE/build" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_USE_PREBUILT_UI=OFF -DCMAKE_BUILD_TYPE=Release
+        -DLLAMA_USE_PREBUILT_UI=OFF -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx"
     cmake --build "$CACHE/build" --target llama-server -j "$JOBS"
 }
 

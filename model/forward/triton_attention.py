@@ -127,6 +127,22 @@ def _weighted(p, v, IS_FP32: tl.constexpr):
 
 
 @triton.jit
+def _fold_block(q, K, V, slots, stride_ks, stride_vs, dims, kv_mask, seen, scale, m, total, acc,
+                IS_FP32: tl.constexpr):
+    """One block of keys folded into the online softmax of the query rows q: the running max m,
+    sum of weights `total` and weighted values acc. K / V: one kv head of the pool; `seen`:
+    which (row, key) pairs count."""
+    k = tl.load(K + slots[:, None] * stride_ks + dims[None, :], mask=kv_mask, other=0.0)
+    s = tl.where(seen, _scores(q, k, IS_FP32) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    total = total * alpha + tl.sum(p, 1)
+    v = tl.load(V + slots[:, None] * stride_vs + dims[None, :], mask=kv_mask, other=0.0)
+    return m_new, total, acc * alpha[:, None] + _weighted(p, v, IS_FP32)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, Partial, PartialLse, Starts, Lengths, Firsts, scale,
     stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
@@ -158,19 +174,10 @@ def _decode_split_kernel(
         index = block + tl.arange(0, BLOCK_N)
         valid = index < end
         slots = _key_slots(index, Starts, Lengths, first, last)
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        k = tl.load(K + kv_head * stride_kh + slots[:, None] * stride_ks + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        s = _scores(q, k, IS_FP32) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_head * stride_vh + slots[:, None] * stride_vs + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _weighted(p, v, IS_FP32)
-        m = m_new
+        m, total, acc = _fold_block(
+            q, K + kv_head * stride_kh, V + kv_head * stride_vh, slots, stride_ks, stride_vs,
+            dims, valid[:, None] & dim_mask[None, :], valid[None, :], scale, m, total, acc,
+            IS_FP32)
 
     out_heads = row * (GROUP * tl.num_programs(1)) + kv_head * GROUP + heads  # [BLOCK_H]
     lse_at = PartialLse + out_heads * NUM_SPLITS + split
@@ -239,20 +246,11 @@ def _prefill_kernel(
         index = block + tl.arange(0, BLOCK_N)
         valid = index < end
         slots = _key_slots(index, Starts, Lengths, first, last)
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        k = tl.load(K + kv_head * stride_kh + slots[:, None] * stride_ks + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        s = _scores(q, k, IS_FP32) * scale
         # a block past a token's last key leaves its sums exactly as they were
-        s = tl.where(index[None, :] < visible[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_head * stride_vh + slots[:, None] * stride_vs + dims[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _weighted(p, v, IS_FP32)
-        m = m_new
+        m, total, acc = _fold_block(
+            q, K + kv_head * stride_kh, V + kv_head * stride_vh, slots, stride_ks, stride_vs,
+            dims, valid[:, None] & dim_mask[None, :], index[None, :] < visible[:, None], scale,
+            m, total, acc, IS_FP32)
     out = acc / total[:, None]
     tl.store(Out + (span_start + token)[:, None] * stride_ot + head[:, None] * stride_oh
              + dims[None, :], out.to(Out.dtype.element_ty),
