@@ -30,21 +30,21 @@ def test_buckets_are_powers_of_two_then_steps_of_sixteen():
     assert bucket_sizes(20) == [1, 2, 4, 8, 16, 20]
 
 
-def decoding_engine(tiny, num_rows: int) -> GroupedEngine:
-    """An engine whose `num_rows` rows (prompts of different lengths and cache paths) are all
-    decoding."""
+def decoding_engine(tiny) -> GroupedEngine:
+    """An engine with five rows decoding: groups of 3, 1 and 1 (prompts of different lengths
+    and cache paths)."""
     engine = GroupedEngine(tiny.model, tiny.tokenizer, decode_graph_rows=8)
-    for group in make_groups(tiny, [3, 1, 1], max_tokens=20)[: num_rows]:
+    for group in make_groups(tiny, [3, 1, 1], max_tokens=20):
         engine.add(group)
-    while not all(r.member.status is Status.DECODE
-                  for g in engine._running for r in g.rows) or not engine._running:
+    while not engine._running or not all(r.member.status is Status.DECODE
+                                         for g in engine._running for r in g.rows):
         engine.step()
     engine.step()
     return engine
 
 
 def test_a_padded_step_equals_the_unpadded_one_and_writes_no_live_slot(tiny):
-    engine = decoding_engine(tiny, 3)
+    engine = decoding_engine(tiny)
     rows = engine._decode_rows()
     assert len(rows) == 5  # padded to a bucket of 8
     inputs, _ = build_step(rows, [], engine.forward.scale)

@@ -19,6 +19,7 @@ alone would give: grouping and caching change the cost, never the content.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -35,6 +36,8 @@ from model.forward.decoder import DecoderForward, StepInputs
 from model.head.group_head import GroupHead
 
 __all__ = ["EngineInputError", "GroupedEngine", "Member", "TokenEvent", "Usage"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_MB = {"cpu": 1024, "cuda": 8192}
 # prompt tokens per step: on a GPU a step of 512 tokens mostly pays for its launches
@@ -94,8 +97,12 @@ class GroupedEngine:
             max_rows = _per_device(DEFAULT_DECODE_GRAPH_ROWS, self.device)
         if max_rows <= 0 or not self.forward.can_replay:
             return None
-        return DecodeGraphs(self.forward, self.pool.kv, self.pool.scratch_slot, max_rows,
-                            capture=self.device.type == "cuda")
+        try:
+            return DecodeGraphs(self.forward, self.pool.kv, self.pool.scratch_slot, max_rows,
+                                capture=self.device.type == "cuda")
+        except RuntimeError as exc:  # a capture the driver refuses: slower, still serving
+            log.warning("capturing the decode graphs failed, decode steps run eagerly: %s", exc)
+            return None
 
     @property
     def device(self) -> torch.device:
