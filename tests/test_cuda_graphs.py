@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.engine.grouped_engine as grouped_engine
 from model.engine.batch import build_step
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.request import Status
@@ -98,3 +99,16 @@ def test_a_lone_row_decodes_the_same_with_and_without_graphs(tiny):
         member = Member(prompt, SamplingParams(max_tokens=10))
         answers.append(run(engine, [[member]])[member]["ids"])
     assert answers[0] == answers[1]
+
+
+def test_a_refused_capture_leaves_decode_steps_eager(tiny, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(grouped_engine, "DecodeGraphs", refuse)
+    engine = GroupedEngine(tiny.model, tiny.tokenizer, decode_graph_rows=8)
+    assert engine.graphs is None
+    assert "decode steps run eagerly" in caplog.text
+    member = make_groups(tiny, [1], max_tokens=6)[0][0]
+    expected = reference_greedy(tiny.model, member.prompt_ids, 6, engine.eos_token_ids)
+    assert run(engine, [[member]])[member]["ids"] == expected
