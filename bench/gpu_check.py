@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from bench.compare import free_port, our_command, running_server
 
 SECTIONS = ("tests", "step", "embedded", "engine", "serve")
 CUDA_TESTS = ["tests/test_engine.py", "tests/test_engine_steps.py", "tests/test_cuda_graphs.py",
@@ -142,35 +141,20 @@ def engine(args: argparse.Namespace, work: Path) -> dict:
 def serve(args: argparse.Namespace, work: Path) -> dict:
     """`python -m server` with its defaults (on a GPU: CUDA, bf16, the shipped head), then a
     load-bench burst against it."""
-    port = 8765
-    url = f"http://127.0.0.1:{port}"
-    log = (work / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                               *args.server_args.split()], stdout=log, stderr=subprocess.STDOUT)
-    began, ready = time.perf_counter(), False
+    began = time.perf_counter()
+    result: dict = {"ready": False}
     try:
-        while time.perf_counter() - began < args.timeout and server.poll() is None:
-            try:
-                ready = httpx.get(f"{url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                ready = False
-            if ready:
-                break
-            time.sleep(1)
-        result: dict = {"ready": ready, "ready_after_s": time.perf_counter() - began}
-        if ready:
+        port = free_port()
+        with running_server("server", our_command(port, args.server_args), port, work,
+                            args.timeout) as url:
+            result.update(ready=True, ready_after_s=time.perf_counter() - began)
             out = work / "burst.json"
             result["burst"] = run([sys.executable, "-m", "bench.load", "--url", url,
                                    "--scenario", "burst", "--contexts", "8", "--group-hints",
                                    "--json", str(out)], args.timeout)
             result["burst"]["report"] = read_json(out)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    except SystemExit as refused:  # it exited, or was not healthy in time: the report says so
+        result["error"] = str(refused)
     result["server_log_tail"] = (work / "server.log").read_text()[-3000:]
     return result
 

@@ -32,7 +32,13 @@ from model.engine.request import Status
 from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat, question_messages
 from model.weights.choices import WEIGHT_CHOICES
-from model.weights.loading import LoadedModel, load_model, load_tokenizer, resolve_device
+from model.weights.loading import (
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from model.weights.shapes import SHAPES, build_random_model
 
 
@@ -209,9 +215,7 @@ def bound_ms(engine: GroupedEngine, weights: int, rows: list[list[int]], steps: 
 def load(args: argparse.Namespace) -> LoadedModel:
     if args.shape:
         device = resolve_device(args.device)
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[args.dtype]
+        dtype = resolve_dtype(args.dtype, device)
         return build_random_model(args.shape, load_tokenizer(args.tokenizer), device, dtype)
     return load_model(args.model, args.device, args.dtype, threads=args.threads,
                       weights=args.weights)

@@ -41,6 +41,7 @@ from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
 from model.prompts import encode_chat
 from model.weights.loading import LoadedModel, load_model
+from model.weights.tiny import TinyModel, build_tiny_model
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -62,6 +63,15 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture(scope="session")
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return getattr(torch, request.config.getoption("--dtype"))
+
+
+@pytest.fixture(scope="module")
+def tiny(device: torch.device, dtype: torch.dtype) -> TinyModel:
+    """The tiny model on the test device, in the test dtype (--device, --dtype): the engine
+    tests against the unbatched reference."""
+    tiny = build_tiny_model()
+    tiny.model.to(device, dtype)
+    return tiny
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ write a live slot."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import model.engine.grouped_engine as grouped_engine
@@ -14,15 +13,7 @@ from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.request import Status
 from model.engine.sampling import SamplingParams
 from model.forward.cuda_graphs import DecodeGraphs, bucket_sizes
-from model.weights.tiny import build_tiny_model
 from tests.test_engine import make_groups, reference_greedy, run
-
-
-@pytest.fixture(scope="module")
-def tiny(device, dtype):
-    tiny = build_tiny_model()
-    tiny.model.to(device, dtype)
-    return tiny
 
 
 def test_buckets_are_powers_of_two_then_steps_of_sixteen():

@@ -16,7 +16,6 @@ from model.engine.sampling import SamplingParams
 from model.forward import cpu_kernels
 from model.head.group_head import GroupHead, GroupHeadConfig
 from model.prompts import encode_chat, question_messages
-from model.weights.tiny import build_tiny_model
 
 CONTEXTS = [
     "The cat sat on the mat while the dog slept by the fire.",
@@ -25,14 +24,6 @@ CONTEXTS = [
 ]
 QUESTIONS = ["Who sat?", "Where did the dog sleep, and why there?", "What?", "Is it warm?",
              "Which animal slept by the fire in the evening?"]
-
-
-@pytest.fixture(scope="module")
-def tiny(device, dtype):
-    """The tiny model on the test device, in the test dtype (conftest: --device, --dtype)."""
-    tiny = build_tiny_model()
-    tiny.model.to(device, dtype)
-    return tiny
 
 
 def prompts_for(tiny, context: str, count: int) -> list[list[int]]:

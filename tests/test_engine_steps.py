@@ -12,16 +12,7 @@ from model.engine.grouped_engine import EngineInputError, GroupedEngine, Member
 from model.engine.sampling import SamplingParams
 from model.forward.decoder import PoolShape
 from model.prompts import encode_chat, question_messages
-from model.weights.tiny import build_tiny_model
 from tests.test_engine import CONTEXTS, QUESTIONS, prompts_for, reference_greedy, run
-
-
-@pytest.fixture(scope="module")
-def tiny(device, dtype):
-    """The tiny model on the test device, in the test dtype (conftest: --device, --dtype)."""
-    tiny = build_tiny_model()
-    tiny.model.to(device, dtype)
-    return tiny
 
 
 def expected(tiny, engine, member) -> list[int]:

@@ -73,8 +73,9 @@ class GroupedEngine:
         self.max_context = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self.eos_token_ids = frozenset(_eos_ids(model, tokenizer))
-        self.max_prefill_tokens = max_prefill_tokens or _per_device(DEFAULT_MAX_PREFILL_TOKENS,
-                                                                    self.device)
+        if max_prefill_tokens is None:
+            max_prefill_tokens = _per_device(DEFAULT_MAX_PREFILL_TOKENS, self.device)
+        self.max_prefill_tokens = max_prefill_tokens
         self.pool = self._make_pool(kv_cache_mb)
         self.graphs = self._make_graphs(decode_graph_rows)
         self.cache = PrefixCache(self.pool.slots)
@@ -88,7 +89,7 @@ class GroupedEngine:
         shape, dtype = self.forward.pool_shape, self.model.dtype
         if kv_cache_mb is not None:
             return KVPool.with_megabytes(shape, kv_cache_mb, dtype, self.device)
-        megabytes = DEFAULT_KV_CACHE_MB.get(self.device.type, DEFAULT_KV_CACHE_MB["cpu"])
+        megabytes = _per_device(DEFAULT_KV_CACHE_MB, self.device)
         capacity = int(megabytes * 2**20) // shape.bytes_per_token(dtype)
         return KVPool(shape, min(capacity, POOL_CONTEXTS * self.max_context), dtype, self.device)
 
@@ -418,6 +419,7 @@ def _is_done(group: Group) -> bool:
 
 
 def _per_device(defaults: dict[str, int], device: torch.device) -> int:
+    """The device type's default; a CPU's for other devices."""
     return defaults.get(device.type, defaults["cpu"])
 
 

@@ -115,15 +115,7 @@ def load_model(
         tiny = build_tiny_model()
         model, tokenizer, name = tiny.model.to(torch_device, torch_dtype), tiny.tokenizer, spec
     else:
-        if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
-            gguf, name = embedded_gguf_path(), EMBEDDED_MODEL_NAME
-        elif spec.endswith(".gguf"):
-            gguf = Path(spec).expanduser()
-            if not gguf.is_file():
-                raise ModelLoadError(f"GGUF file not found: {gguf}")
-            name = gguf.stem
-        else:
-            name = spec.rstrip("/").split("/")[-1] if Path(spec).is_dir() else spec
+        gguf, name = _gguf_and_name(spec)
         source = _converted_gguf(gguf) if gguf is not None else spec
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -143,14 +135,24 @@ def load_tokenizer(spec: str | None = None) -> PreTrainedTokenizerBase:
         from model.weights.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
-    if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
-        spec = str(_converted_gguf(embedded_gguf_path()))
-    elif spec.endswith(".gguf"):
-        spec = str(_converted_gguf(Path(spec).expanduser()))
+    gguf, _ = _gguf_and_name(spec)
+    source = _converted_gguf(gguf) if gguf is not None else spec
     try:
-        return _prepare_tokenizer(AutoTokenizer.from_pretrained(spec))
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {spec!r}: {exc}") from exc
+
+
+def _gguf_and_name(spec: str | None) -> tuple[Path | None, str]:
+    """The GGUF file a model spec names (None for a HF id or directory), and the model's name."""
+    if spec in (None, "", "embedded", EMBEDDED_MODEL_NAME):
+        return embedded_gguf_path(), EMBEDDED_MODEL_NAME
+    if spec.endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf}")
+        return gguf, gguf.stem
+    return None, spec.rstrip("/").split("/")[-1] if Path(spec).is_dir() else spec
 
 
 def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
