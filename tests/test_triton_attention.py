@@ -32,6 +32,16 @@ def run(q, keys, values, spans, num_decode_rows: int) -> torch.Tensor:
                                    plan.longest_chunk, plan.scale)
 
 
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit for bit where the kernels are compiled (a GPU). In Triton's interpreter a `tl.dot` is
+    NumPy's matmul, whose summation order depends on the BLAS build, the CPU and the shape, so
+    there the promise holds to float32 rounding (about 1e-7 for these values of order 1)."""
+    if actual.device.type == "cuda":
+        assert torch.equal(actual, expected)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
 def reference(q, keys, values, spans) -> torch.Tensor:
     """Each token alone, in float64: softmax over its gathered keys."""
     out = torch.empty_like(q)
@@ -77,8 +87,9 @@ def test_kernels_match_torch_and_one_softmax_per_token(device, dtype, dim):
 
 
 def test_a_decode_rows_output_depends_only_on_its_query_and_keys(device):
-    """Bit for bit: alone or beside other rows, with its prefix in one extent or split across
-    nodes elsewhere, or its keys copied to other slots of the pool."""
+    """Bit for bit on a GPU (to rounding in the interpreter, see `assert_same`): alone or
+    beside other rows, with its prefix in one extent or split across nodes elsewhere, or its
+    keys copied to other slots of the pool."""
     keys, values = pool(device, 16)
     q = queries(device, 3, 16, seed=2)
     alone = run(q[:1], keys, values, (Span(0, 1, ((0, 70),), 400, 3),), 1)
@@ -87,16 +98,16 @@ def test_a_decode_rows_output_depends_only_on_its_query_and_keys(device):
         Span(1, 1, ((0, 5), (20, 9)), 44, 1),
         Span(2, 1, ((100, 600),), 48, 0),
     ), 3)
-    assert torch.equal(alone[0], batched[0])
+    assert_same(alone[0], batched[0])
     moved_keys, moved_values = keys.clone(), values.clone()
     moved_keys[:, 500:570], moved_values[:, 500:570] = keys[:, 0:70], values[:, 0:70]
     moved = run(q[:1], moved_keys, moved_values, (Span(0, 1, ((500, 3), (503, 67)), 400, 3),), 1)
-    assert torch.equal(alone[0], moved[0])
+    assert_same(alone[0], moved[0])
 
 
 def test_a_prompt_token_does_not_depend_on_how_its_prompt_was_chunked(device):
     """A prompt computed in one chunk, or in two chunks of one step beside a decode row, or its
-    last token alone: each token's output is the same, bit for bit."""
+    last token alone: each token's output is the same, bit for bit on a GPU (see `assert_same`)."""
     keys, values = pool(device, 16)
     q = queries(device, 45, 16, seed=3)
     whole = run(q[1:], keys, values, (Span(0, 44, ((0, 20),), 300, 0),), 0)
@@ -105,6 +116,6 @@ def test_a_prompt_token_does_not_depend_on_how_its_prompt_was_chunked(device):
         Span(1, 13, ((0, 20),), 300, 0),
         Span(14, 31, ((0, 20),), 300, 13),
     ), 1)
-    assert torch.equal(whole, split[1:])
+    assert_same(whole, split[1:])
     last = run(q[44:], keys, values, (Span(0, 1, ((0, 20),), 300, 43),), 0)
-    assert torch.equal(whole[43], last[0])
+    assert_same(whole[43], last[0])
