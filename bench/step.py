@@ -30,6 +30,7 @@ from bench.squad import load_selection
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.request import Status
 from model.engine.sampling import SamplingParams
+from model.native import cpu_name
 from model.prompts import encode_chat, question_messages
 from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import (
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth, weights = memory_bandwidth(engine.device), weight_bytes(loaded.model)
     report = {"model": loaded.name, "weights": loaded.weights, "device": str(engine.device),
               "device_name": (torch.cuda.get_device_name(engine.device)
-                              if engine.device.type == "cuda" else "cpu"),
+                              if engine.device.type == "cuda" else cpu_name()),
+              "kernels": loaded.kernels,
               "dtype": str(loaded.model.dtype).removeprefix("torch."),
               "weight_bytes": weights, "bandwidth_bytes_per_s": bandwidth,
               "prompt_tokens": len(all_prompts[0]), "rows": []}
@@ -293,9 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_report(report: dict, hf: bool, threads: int) -> None:
     where = (report["device_name"] if report["device"] != "cpu"
-             else f"cpu, {threads} threads")
+             else f"{report['device_name']}, {threads} threads")
     print(f"model {report['model']}, {report['weights']} weights ({report['dtype']}, "
-          f"{report['weight_bytes'] / 1e9:.2f} GB read a step), {where}; memory bandwidth "
+          f"{report['weight_bytes'] / 1e9:.2f} GB read a step), {report['kernels']}, {where}; "
+          "memory bandwidth "
           f"{report['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s (a large copy); prompts of about "
           f"{report['prompt_tokens']} tokens")
     header = "| rows | engine step (ms) | engine tokens/s | bound (ms) | bound / step |"

@@ -1,22 +1,32 @@
 #!/bin/sh
 # The system tools the tests drive: nginx (the front door) and docker-compose 1.29 (validates
-# the compose files without a Docker engine) for the deployment tests, and Debian's chromium for
-# the playground's browser tests (Playwright drives it; it downloads no browser of its own). The
-# cache-aware router, vllm-router, is a Python package that the dev extra installs. Installs
-# only what is missing, with apt-get, as root; as any other user it says what is missing and
-# how to install it.
+# the compose files without a Docker engine) for the deployment tests, Debian's chromium for
+# the playground's browser tests (Playwright drives it; it downloads no browser of its own), and
+# on an x86 machine an AArch64 cross compiler and qemu-user, which build and run the CPU
+# kernels' NEON variants (tests/test_kernel_variants.py). The cache-aware router, vllm-router,
+# is a Python package that the dev extra installs. Installs only what is missing, with apt-get,
+# as root; as any other user it says what is missing and how to install it.
 set -eu
 
 missing=""
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
+case "$(uname -m)" in
+    aarch64 | arm64) ;; # the NEON variants build and run natively
+    *)
+        command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 ||
+            missing="$missing gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+        command -v qemu-aarch64 >/dev/null 2>&1 || missing="$missing qemu-user"
+        ;;
+esac
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     cat >&2 <<MESSAGE
-The deployment tests (tests/test_deploy_*.py) need nginx and docker-compose, and the
-playground's browser tests need chromium; missing:$missing.
+The deployment tests (tests/test_deploy_*.py) need nginx and docker-compose, the playground's
+browser tests chromium, and the kernel variant tests an AArch64 cross compiler and qemu-user;
+missing:$missing.
 Install them, then run \`make test\` again. On Debian or Ubuntu:
 
     sudo apt-get install -y --no-install-recommends$missing

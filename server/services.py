@@ -52,8 +52,8 @@ class Services:
             loaded = load_model(settings.model, settings.device, settings.dtype,
                                 settings.threads, settings.weights)
         csa = load_csa(settings, loaded)
-        log.info("model %s on %s, %s weights, CSA %s", loaded.name, loaded.device,
-                 loaded.weights, "on" if csa else "off")
+        log.info("model %s on %s, %s weights, %s, CSA %s", loaded.name, loaded.device,
+                 loaded.weights, loaded.kernels, "on" if csa else "off")
         engine = GroupedEngine(loaded.model, loaded.tokenizer, csa,
                                kv_cache_mb=settings.kv_cache_mb,
                                max_prefill_tokens=settings.max_prefill_tokens,

@@ -39,6 +39,7 @@ import uvicorn
 
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
+from model.native import CAP_VARIABLE, runnable_isas
 from model.prompts import encode_chat
 from model.weights.loading import LoadedModel, load_model
 from model.weights.tiny import TinyModel, build_tiny_model
@@ -63,6 +64,21 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture(scope="session")
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return getattr(torch, request.config.getoption("--dtype"))
+
+
+@pytest.fixture(params=runnable_isas())
+def isa(request: pytest.FixtureRequest) -> str:
+    """Each instruction set whose CPU kernels this machine runs (`model.native`): a kernel test
+    runs once per variant (all compute the same bits; tests/test_kernel_variants.py)."""
+    return request.param
+
+
+@pytest.fixture
+def capped_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`isa`, with GROUPWISE_CPU_ISA capped to it for the test: what loads in it runs that
+    variant."""
+    monkeypatch.setenv(CAP_VARIABLE, isa)
+    return isa
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ def pool(seed: int = 0):
     return keys, values
 
 
-def attend(q: torch.Tensor, keys, values, plan: AttentionPlan) -> torch.Tensor:
-    """The C kernel."""
-    return cpu_kernels.attend_spans(q, keys, values, *plan.extents.as_tuple(), plan.scale)
+def attend(q: torch.Tensor, keys, values, plan: AttentionPlan, isa: str) -> torch.Tensor:
+    """The C kernel, in the variant of `isa`."""
+    kernels = cpu_kernels.for_isa(isa)
+    return kernels.attend_spans(q, keys, values, *plan.extents.as_tuple(), plan.scale)
 
 
 def reference(q: torch.Tensor, keys, values, plan: AttentionPlan) -> torch.Tensor:
@@ -50,11 +51,11 @@ def mixed_plan() -> AttentionPlan:
     ), SCALE)
 
 
-def test_kernel_matches_one_softmax_per_token():
+def test_kernel_matches_one_softmax_per_token(isa):
     keys, values = pool()
     q = torch.randn(7, HEADS, DIM, generator=torch.Generator().manual_seed(1))
     plan = mixed_plan()
-    assert torch.allclose(attend(q, keys, values, plan), reference(q, keys, values, plan),
+    assert torch.allclose(attend(q, keys, values, plan, isa), reference(q, keys, values, plan),
                           atol=1e-5)
 
 
@@ -66,34 +67,35 @@ def test_torch_path_matches_one_softmax_per_token():
                           reference(q, keys, values, plan), atol=1e-5)
 
 
-def test_a_tokens_output_depends_only_on_its_query_and_keys():
+def test_a_tokens_output_depends_only_on_its_query_and_keys(isa):
     """Bit for bit: alone or beside other tokens, with its prefix in one extent or split across
     nodes at another point, or its keys copied to other slots."""
     keys, values = pool()
     q = torch.randn(3, HEADS, DIM, generator=torch.Generator().manual_seed(2))
     alone = attend(q[:1], keys, values, AttentionPlan.of((Span(0, 1, ((0, 12),), 40, 3),),
-                                                      SCALE))
+                                                      SCALE), isa)
     batched = attend(q, keys, values, AttentionPlan.of((
         Span(0, 1, ((0, 5), (5, 7)), 40, 3),
         Span(1, 1, ((0, 5), (20, 9)), 44, 1),
         Span(2, 1, ((30, 2),), 48, 0),
-    ), SCALE))
+    ), SCALE), isa)
     assert torch.equal(alone[0], batched[0])
     moved_keys, moved_values = keys.clone(), values.clone()
     moved_keys[:, 50:62], moved_values[:, 50:62] = keys[:, 0:12], values[:, 0:12]
     moved = attend(q[:1], moved_keys, moved_values, AttentionPlan.of(
-        (Span(0, 1, ((50, 3), (53, 9)), 40, 3),), SCALE))
+        (Span(0, 1, ((50, 3), (53, 9)), 40, 3),), SCALE), isa)
     assert torch.equal(alone[0], moved[0])
 
 
-def test_a_prefill_chunk_equals_the_same_tokens_decoded_one_by_one():
+def test_a_prefill_chunk_equals_the_same_tokens_decoded_one_by_one(isa):
     """Bit for bit, with the chunk longer than the kernel's tile of tokens (8) and its keys
     longer than its block of keys (64)."""
     keys, values = pool()
     q = torch.randn(11, HEADS, DIM, generator=torch.Generator().manual_seed(3))
-    chunk = attend(q, keys, values, AttentionPlan.of((Span(0, 11, ((0, 70),), 100, 2),), SCALE))
+    chunk = attend(q, keys, values, AttentionPlan.of((Span(0, 11, ((0, 70),), 100, 2),), SCALE),
+                   isa)
     one_by_one = [attend(q[i : i + 1], keys, values,
-                         AttentionPlan.of((Span(0, 1, ((0, 70),), 100, 2 + i),), SCALE))
+                         AttentionPlan.of((Span(0, 1, ((0, 70),), 100, 2 + i),), SCALE), isa)
                   for i in range(11)]
     assert torch.equal(chunk, torch.cat(one_by_one))
     assert torch.allclose(chunk, reference(q, keys, values, AttentionPlan.of(

@@ -1,4 +1,5 @@
-"""The CPU kernels of a decoder step against the torch ops they replace."""
+"""The CPU kernels of a decoder step against the torch ops they replace, in every variant this
+CPU runs."""
 
 from __future__ import annotations
 
@@ -11,20 +12,29 @@ from model.forward.decoder import DecoderForward
 from model.weights.tiny import build_tiny_model
 
 
-def test_the_kernels_build_here():
-    """The suite runs where a C compiler is (CI too): the kernels are the CPU path under test."""
-    assert kernels.available()
+def test_the_kernels_build_here(isa):
+    """The suite runs where a C compiler is (CI too): the kernels are the CPU path under test,
+    each in the variant asked for (the attention's AVX2 loops serve AVX-512 CPUs too)."""
+    built = kernels.for_isa(isa)
+    assert built is not None
+    assert built.variant == ("avx2" if isa == "avx512" else isa)
 
 
-def test_rms_norm_matches_transformers():
+def test_the_engine_runs_the_variant_the_cap_chooses(capped_isa):
+    """GROUPWISE_CPU_ISA caps what a model loaded under it computes with."""
+    forward = DecoderForward(build_tiny_model().model)
+    assert forward.ops(torch.zeros(1, 8)).kernels is kernels.for_isa(capped_isa)
+
+
+def test_rms_norm_matches_transformers(isa):
     norm = LlamaRMSNorm(48, eps=1e-5)
     norm.weight.data = torch.randn(48)
     x = torch.randn(70, 48)  # more than 64 tokens: the threaded path too
-    assert torch.allclose(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x),
-                          atol=1e-6, rtol=1e-5)
+    out = kernels.for_isa(isa).rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert torch.allclose(out, norm(x), atol=1e-6, rtol=1e-5)
 
 
-def test_rotate_and_store_matches_the_torch_ops():
+def test_rotate_and_store_matches_the_torch_ops(isa):
     forward = DecoderForward(build_tiny_model().model)
     heads, kv_heads, dim = forward.num_heads, forward.num_kv_heads, forward.head_dim
     tokens, slots = 5, torch.tensor([7, 3, 11, 0, 9])
@@ -32,8 +42,8 @@ def test_rotate_and_store_matches_the_torch_ops():
     positions = torch.arange(tokens) + 20
     cos, sin = forward.rotary(qkv, positions[None])
     pools = [torch.zeros(kv_heads, 12, dim) for _ in range(4)]
-    q_kernel = kernels.rotate_and_store(qkv, cos[0], sin[0], pools[0], pools[1], slots, heads,
-                                        dim)
+    q_kernel = kernels.for_isa(isa).rotate_and_store(qkv, cos[0], sin[0], pools[0], pools[1],
+                                                     slots, heads, dim)
     q_torch = TorchOps(heads, kv_heads, dim).rotate_and_store(qkv, cos[0], sin[0], pools[2],
                                                               pools[3], slots)
     # the same products and sums, each rounded on its own: equal to the bit

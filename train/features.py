@@ -21,7 +21,6 @@ from tqdm import tqdm
 from model.cache import cache_dir
 from model.engine.teacher_forcing import teacher_forced_states
 from model.forward.decoder import DecoderForward
-from model.weights.formats import int4_kernel
 from train.data import Example
 
 FEATURES_VERSION = 2  # bump when the cached features change: their layout or how they are computed
@@ -126,10 +125,9 @@ def cached_features(
 ) -> Features:
     """The answer-step hidden states of every example, from the cache when possible (and when
     `use_cache`); computed ones are written to the cache either way."""
-    # the fingerprint names the base model, not its weight format nor int4's kernel: all key
-    # the features
-    weights = f"int4:{int4_kernel()}" if loaded.weights == "int4" else loaded.weights
-    key = features_key(f"{fingerprint}:{weights}", examples)
+    # the fingerprint names the base model, not its weight format: both key the features (every
+    # variant of the int4 kernels computes the same bits)
+    key = features_key(f"{fingerprint}:{loaded.weights}", examples)
     path = cache_dir() / "csa-features" / f"{key}.pt"
     features = load_features(path) if use_cache else None
     if features is not None:

@@ -64,15 +64,20 @@ class CpuKernels(TorchOps):
 
     reads_extents_only = True
 
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 kernels: cpu_kernels.StepKernels):
+        super().__init__(num_heads, num_kv_heads, head_dim)
+        self.kernels = kernels
+
     def attend(self, q, keys, values, plan) -> torch.Tensor:
-        return cpu_kernels.attend_spans(q, keys, values, *plan.extents.as_tuple(), plan.scale)
+        return self.kernels.attend_spans(q, keys, values, *plan.extents.as_tuple(), plan.scale)
 
     def norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+        return self.kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
     def rotate_and_store(self, qkv, cos, sin, keys, values, slots) -> torch.Tensor:
-        return cpu_kernels.rotate_and_store(qkv, cos, sin, keys, values, slots, self.num_heads,
-                                            self.head_dim)
+        return self.kernels.rotate_and_store(qkv, cos, sin, keys, values, slots, self.num_heads,
+                                             self.head_dim)
 
 
 class TritonKernels(TorchOps):
@@ -110,7 +115,7 @@ def ops_for(x: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
             gated_silu: bool) -> TorchOps:
     """The fastest backend that runs a step whose activations are x."""
     if cpu_kernels.usable_for(x, head_dim):
-        return CpuKernels(num_heads, num_kv_heads, head_dim)
+        return CpuKernels(num_heads, num_kv_heads, head_dim, cpu_kernels.for_isa())
     if x.is_cuda and triton_available():
         return TritonKernels(num_heads, num_kv_heads, head_dim, gated_silu)
     return TorchOps(num_heads, num_kv_heads, head_dim)

@@ -18,88 +18,30 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 8 /* one AVX2 register of floats */
+#define LANES 8 /* lanes of a dot product: one AVX2 register of floats, two NEON ones */
 
-/* Multiply-adds are explicit (fmaf, _mm256_fmadd_ps) and the library is built with
-   -ffp-contract=off, so the compiler never decides on its own where to fuse: a vectorized loop
-   and its scalar remainder round the same way, and every token goes through exactly the same
-   arithmetic. head_dim is a multiple of 8 (the caller checks). */
+/* Multiply-adds are explicit (fmaf and the FMA intrinsics) and the library is built with
+   -ffp-contract=off, so the compiler never decides on its own where to fuse: every variant, and
+   a vectorized loop and its scalar remainder, round the same way, and every token goes through
+   exactly the same arithmetic. head_dim is a multiple of 8 (the caller checks).
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
-/* scores[i] = scale * (q . key of slots[i]), four keys at a time: four independent chains of
-   FMAs run side by side, and one horizontal reduction serves all four. A last group of fewer
-   than four repeats its last key, so every score is computed by the same instructions. */
-static void key_scores(const float *q, const float *keys, const int64_t *slots, int64_t length,
-                       int64_t head_dim, float scale, float *scores) {
-    for (int64_t i = 0; i < length; i += 4) {
-        const float *key[4];
-        for (int r = 0; r < 4; ++r)
-            key[r] = keys + slots[i + r < length ? i + r : length - 1] * head_dim;
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                         _mm256_setzero_ps()};
-        for (int64_t d = 0; d < head_dim; d += LANES) {
-            const __m256 x = _mm256_loadu_ps(q + d);
-            for (int r = 0; r < 4; ++r)
-                acc[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key[r] + d), acc[r]);
-        }
-        /* each score: ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)) of its lanes */
-        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
-                                            _mm256_hadd_ps(acc[2], acc[3]));
-        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs),
-                                       _mm256_extractf128_ps(pairs, 1));
-        float four[4];
-        _mm_storeu_ps(four, _mm_mul_ps(sums, _mm_set1_ps(scale)));
-        for (int r = 0; r < 4 && i + r < length; ++r) scores[i + r] = four[r];
-    }
-}
-
-/* out[0:head_dim] += sum over i, in order, of p[i] * value of slots[i], one fused multiply-add
-   after the other: columns [d, d + 64) in eight registers (eight independent chains keep both
-   FMA units busy), then 8 at a time. A sum split over several calls rounds as one call. */
-static void weighted_values(float *out, const float *p, const float *values,
-                            const int64_t *slots, int64_t length, int64_t head_dim) {
-    int64_t d = 0;
-    for (; d + 8 * LANES <= head_dim; d += 8 * LANES) {
-        __m256 acc[8];
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_loadu_ps(out + d + r * LANES);
-        for (int64_t i = 0; i < length; ++i) {
-            const float *value = values + slots[i] * head_dim + d;
-            const __m256 weight = _mm256_set1_ps(p[i]);
-            for (int r = 0; r < 8; ++r)
-                acc[r] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + r * LANES), acc[r]);
-        }
-        for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + d + r * LANES, acc[r]);
-    }
-    for (; d < head_dim; d += LANES) {
-        __m256 acc = _mm256_loadu_ps(out + d);
-        for (int64_t i = 0; i < length; ++i)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]),
-                                  _mm256_loadu_ps(values + slots[i] * head_dim + d), acc);
-        _mm256_storeu_ps(out + d, acc);
-    }
-}
+   Each variant (model/native.py builds the one for the CPU) defines VARIANT and the two inner
+   loops of attention, key_scores and weighted_values, which compute the same bits in all of
+   them: a dot product in eight lanes (element d in lane d % 8), the lanes added as
+   ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)); a weighted sum one fused multiply-add
+   after the other, in key order. The rest of this file is portable C. */
+#if defined(GROUPWISE_PORTABLE)
+#include "cpu_kernels_scalar.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "cpu_kernels_avx2.h"
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include "cpu_kernels_neon.h"
 #else
-static void key_scores(const float *q, const float *keys, const int64_t *slots, int64_t length,
-                       int64_t head_dim, float scale, float *scores) {
-    for (int64_t i = 0; i < length; ++i) {
-        const float *key = keys + slots[i] * head_dim;
-        float lanes[LANES] = {0};
-        for (int64_t d = 0; d < head_dim; d += LANES)
-            for (int l = 0; l < LANES; ++l) lanes[l] = fmaf(q[d + l], key[d + l], lanes[l]);
-        scores[i] = scale * (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                             ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
-    }
-}
-
-static void weighted_values(float *out, const float *p, const float *values,
-                            const int64_t *slots, int64_t length, int64_t head_dim) {
-    for (int64_t i = 0; i < length; ++i)
-        for (int64_t d = 0; d < head_dim; ++d)
-            out[d] = fmaf(p[i], values[slots[i] * head_dim + d], out[d]);
-}
+#include "cpu_kernels_scalar.h"
 #endif
+
+/* The variant this library was built as: avx2, neon or scalar. */
+const char *cpu_kernels_variant(void) { return VARIANT; }
 
 /* e^x for x <= 0, elementwise so that it vectorizes (libm's expf does not, without fast-math):
    x = n ln2 + r, e^x = 2^n e^r, e^r by Cephes' expf polynomial (about 1 ulp). */

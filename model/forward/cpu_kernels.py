@@ -1,5 +1,7 @@
 """The C kernels of a decoder step on a CPU (`cpu_kernels.c`): attention, RMS norm, rotary +
-KV store. Without a C compiler the step runs on torch ops instead (and says so once in the log).
+KV store, in the variant of the instruction set `model.native` chooses (AVX2, NEON or portable C;
+all compute the same bits). Without a C compiler the step runs on torch ops instead (and says so
+once in the log).
 """
 
 from __future__ import annotations
@@ -10,79 +12,88 @@ from pathlib import Path
 
 import torch
 
-from model.native import FLOAT, INT, INT64, POINTER, build_library
+from model.native import FLOAT, INT, INT64, POINTER, build_library, chosen_isa
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 SIGNATURES = {  # function -> (argument types, return type)
     "attend_spans": ([POINTER] * 8 + [INT64] * 5 + [FLOAT, INT], INT),
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),
+    "cpu_kernels_variant": ([], ctypes.c_char_p),
 }
 
 
+class StepKernels:
+    """One built library of the kernels: `variant` names what it was built as."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._library = library
+        self.variant: str = library.cpu_kernels_variant().decode()
+
+    def attend_spans(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     extent_starts: torch.Tensor, extent_lengths: torch.Tensor,
+                     span_extents: torch.Tensor, span_tokens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        """q [T, Hq, D]; keys / values [Hkv, slots, D] (fp32, CPU). Span s is tokens
+        span_tokens[s] .. span_tokens[s + 1] - 1 of one sequence; its first token attends the
+        slots of extents span_extents[s] .. span_extents[s + 1] - 1, in order, and each next
+        token one slot more of the last extent (int64 tensors). The caller guarantees every
+        extent lies inside the pool and every token has at least one key."""
+        q, keys, values = q.contiguous(), keys.contiguous(), values.contiguous()
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads, num_slots, _ = keys.shape
+        out = torch.empty_like(q)
+        failed = self._library.attend_spans(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
+            extent_starts.data_ptr(), extent_lengths.data_ptr(), span_extents.data_ptr(),
+            span_tokens.data_ptr(), span_extents.shape[0] - 1, num_heads, num_kv_heads,
+            num_slots, head_dim, scale, torch.get_num_threads())
+        if failed:
+            raise MemoryError("the attention kernel could not allocate its scratch memory")
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' LlamaRMSNorm of x [T, d] (fp32, CPU) in one call."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self._library.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
+                               x.shape[1], eps, torch.get_num_threads())
+        return out
+
+    def rotate_and_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                         num_heads: int, head_dim: int) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) * D]: each token's query, key and value heads side by side (one
+        fused projection's output); cos / sin [T, D]. Writes the rotated keys and the values to
+        pool slots `slots` of keys / values [Hkv, slots, D]; returns the rotated queries
+        [T, Hq, D]."""
+        qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+        num_tokens, width = qkv.shape
+        num_kv_heads, num_slots, _ = keys.shape
+        q_out = qkv.new_empty(num_tokens, num_heads, head_dim)
+        at = qkv.data_ptr()
+        step = qkv.element_size() * head_dim
+        self._library.rotate_and_store(
+            at, at + step * num_heads, at + step * (num_heads + num_kv_heads), width,
+            cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(), keys.data_ptr(),
+            values.data_ptr(), slots.data_ptr(), num_tokens, num_heads, num_kv_heads, num_slots,
+            head_dim, torch.get_num_threads())
+        return q_out
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    return build_library(SOURCE, SIGNATURES, "the decoder step runs on torch ops (slower, and "
-                         "batched output may differ from unbatched in the last bits)")
+def _built(isa: str) -> StepKernels | None:
+    library = build_library(SOURCE, SIGNATURES, "the decoder step runs on torch ops (slower, "
+                            "and batched output may differ from unbatched in the last bits)", isa)
+    return None if library is None else StepKernels(library)
 
 
-def available() -> bool:
-    return _library() is not None
+def for_isa(isa: str | None = None) -> StepKernels | None:
+    """The kernels for `isa` (default: `model.native.chosen_isa()`), None without a compiler."""
+    return _built(isa or chosen_isa())
 
 
 def usable_for(x: torch.Tensor, head_dim: int) -> bool:
     """Whether the kernels can run this step: fp32 on a CPU, heads a multiple of 8 wide."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and head_dim % 8 == 0
-            and available())
-
-
-def attend_spans(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 extent_starts: torch.Tensor, extent_lengths: torch.Tensor,
-                 span_extents: torch.Tensor, span_tokens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """q [T, Hq, D]; keys / values [Hkv, slots, D] (fp32, CPU). Span s is tokens
-    span_tokens[s] .. span_tokens[s + 1] - 1 of one sequence; its first token attends the slots
-    of extents span_extents[s] .. span_extents[s + 1] - 1, in order, and each next token one
-    slot more of the last extent (int64 tensors). The caller guarantees every extent lies inside
-    the pool and every token has at least one key."""
-    q, keys, values = q.contiguous(), keys.contiguous(), values.contiguous()
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, num_slots, _ = keys.shape
-    out = torch.empty_like(q)
-    failed = _library().attend_spans(
-        q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(),
-        extent_starts.data_ptr(), extent_lengths.data_ptr(), span_extents.data_ptr(),
-        span_tokens.data_ptr(), span_extents.shape[0] - 1, num_heads, num_kv_heads, num_slots,
-        head_dim, scale, torch.get_num_threads())
-    if failed:
-        raise MemoryError("the attention kernel could not allocate its scratch memory")
-    return out
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm of x [T, d] (fp32, CPU) in one call."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    _library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
-                        x.shape[1], eps, torch.get_num_threads())
-    return out
-
-
-def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                     num_heads: int, head_dim: int) -> torch.Tensor:
-    """qkv [T, (Hq + 2 Hkv) * D]: each token's query, key and value heads side by side (one
-    fused projection's output); cos / sin [T, D]. Writes the rotated keys and the values to
-    pool slots `slots` of keys / values [Hkv, slots, D]; returns the rotated queries [T, Hq, D]."""
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    num_tokens, width = qkv.shape
-    num_kv_heads, num_slots, _ = keys.shape
-    q_out = qkv.new_empty(num_tokens, num_heads, head_dim)
-    at = qkv.data_ptr()
-    step = qkv.element_size() * head_dim
-    _library().rotate_and_store(
-        at, at + step * num_heads, at + step * (num_heads + num_kv_heads), width,
-        cos.data_ptr(), sin.data_ptr(), q_out.data_ptr(), keys.data_ptr(), values.data_ptr(),
-        slots.data_ptr(), num_tokens, num_heads, num_kv_heads, num_slots, head_dim,
-        torch.get_num_threads())
-    return q_out
+            and for_isa() is not None)

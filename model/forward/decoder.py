@@ -109,7 +109,7 @@ class DecoderForward:
         self.gated_silu = getattr(config, "hidden_act", None) in ("silu", "swish")
         self._ops: dict[tuple, TorchOps] = {}
         if self.embed.weight.device.type == "cpu":
-            cpu_kernels.available()  # built (or found in the cache) now, not in the first request
+            cpu_kernels.for_isa()  # built (or found in the cache) now, not in the first request
 
     @property
     def pool_shape(self) -> PoolShape:

@@ -1,6 +1,7 @@
-"""The quantized-block matmuls (`block_matmul.c`, AVX-512 VNNI): x times a GGUF's Q4_1 or Q8_0
-blocks, repacked by `model.weights.gguf_blocks`. Where the CPU lacks VNNI or no C compiler
-builds the file, `available()` is False and the int4 format runs on torch's kernel instead."""
+"""The quantized-block matmuls (`block_matmul.c`): x times a GGUF's Q4_1 or Q8_0 blocks,
+repacked by `model.weights.gguf_blocks`, in the variant of the instruction set `model.native`
+chooses (AVX-512 VNNI, AVX2, NEON or portable C; all compute the same bits). `for_isa()` is None
+where no C compiler builds the file."""
 
 from __future__ import annotations
 
@@ -10,39 +11,45 @@ from pathlib import Path
 
 import torch
 
-from model.native import INT, INT64, POINTER, build_library
+from model.native import INT, INT64, POINTER, build_library, chosen_isa
 
 SOURCE = Path(__file__).with_name("block_matmul.c")
 SIGNATURES = {
     "q4_1_matmul": ([POINTER, INT64, INT64, POINTER, INT64, POINTER, INT], INT),
     "q8_0_matmul": ([POINTER, INT64, INT64, POINTER, INT64, POINTER, INT], INT),
-    "block_matmul_available": ([], INT),
+    "block_matmul_variant": ([], ctypes.c_char_p),
 }
 
 
+class BlockMatmul:
+    """One built library of the kernels: `variant` names what it was built as."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._library = library
+        self.variant: str = library.block_matmul_variant().decode()
+
+    def q4_1(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """x [M, K] fp32 times Q4_1 weights packed by `gguf_blocks.pack_q4_1`: [M, N] fp32."""
+        return _multiply(self._library.q4_1_matmul, x, packed, out_features)
+
+    def q8_0(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """x [M, K] fp32 times Q8_0 weights packed by `gguf_blocks.pack_q8_0`: [M, N] fp32."""
+        return _multiply(self._library.q8_0_matmul, x, packed, out_features)
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    return build_library(SOURCE, SIGNATURES, "int4 weights run on torch's int4 kernel")
+def _built(isa: str) -> BlockMatmul | None:
+    library = build_library(SOURCE, SIGNATURES, "int4 weights are not available", isa)
+    return None if library is None else BlockMatmul(library)
 
 
-def available() -> bool:
-    """Whether this CPU runs the quantized-block matmuls (they need AVX-512 VNNI)."""
-    library = _library()
-    return library is not None and library.block_matmul_available() == 1
+def for_isa(isa: str | None = None) -> BlockMatmul | None:
+    """The kernels for `isa` (default: `model.native.chosen_isa()`), None without a compiler."""
+    return _built(isa or chosen_isa())
 
 
-def q4_1_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] fp32 times Q4_1 weights packed by `gguf_blocks.pack_q4_1`: [M, N] fp32."""
-    return _block_matmul(_library().q4_1_matmul, x, packed, out_features)
-
-
-def q8_0_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] fp32 times Q8_0 weights packed by `gguf_blocks.pack_q8_0`: [M, N] fp32."""
-    return _block_matmul(_library().q8_0_matmul, x, packed, out_features)
-
-
-def _block_matmul(function, x: torch.Tensor, packed: torch.Tensor,
-                  out_features: int) -> torch.Tensor:
+def _multiply(function, x: torch.Tensor, packed: torch.Tensor,
+              out_features: int) -> torch.Tensor:
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out_features)
     if x.shape[0] == 0:

@@ -1,35 +1,32 @@
-"""Weight formats for the CPU: the loaded model's linear layers in bf16, or in int4 built from a
-GGUF's own Q4_1 blocks.
+"""Weight formats: the loaded model's linear layers in bf16, or in int4 built from a GGUF's own
+Q4_1 blocks; on a GPU, the weights as loaded with q / k / v and gate / up stacked.
 
 The CPU decode step is bound by reading weights, so smaller weights make it faster. int4 keeps
 the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file, and
-the LM head as the file's Q8_0 blocks. On a CPU with AVX-512 VNNI both are multiplied by the
-project's own kernel (`model.weights.gguf_blocks`), which rounds activations to 8 bits per block as
-llama.cpp does. Elsewhere, torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`) takes
-the linears, and the LM head is bf16: torch's kernel stores 4-bit values in groups of 32 with a
-bf16 scale and zero per group, dequantizing as (q - 8) * scale + zero, which is the Q4_1 block
-with scale = d and zero = m + 8d (only d and m are rounded to bf16); its fast paths take bf16
-activations, so the activations are cast around each matmul. The rest of the step (norms,
-attention, residuals) stays in fp32.
+the LM head as the file's Q8_0 blocks. Both are multiplied by the project's own kernel
+(`model.weights.gguf_blocks`, `block_matmul.c`), which rounds activations to 8 bits per block as
+llama.cpp does, in a variant for the CPU's instruction set; all variants compute the same bits.
+The rest of the step (norms, attention, residuals) stays in fp32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from model.weights import block_matmul
 from model.weights.gguf_blocks import (
-    GROUP_SIZE,
     Q4_1Linear,
     Q8_0Linear,
+    pack_q4_1,
+    pack_q8_0,
     quantize_q4_1,
     quantize_q8_0,
-    unpack_q4_1,
+    unpack_q8_0,
 )
 
 # GGUF tensor names of a Llama block's linears -> the module path in a transformers layer
@@ -58,54 +55,6 @@ class Bf16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class Int4PackLinear(nn.Module):
-    """y = x W^T (+ b) with W as int4 groups of 32 (torch's CPU int4pack layout)."""
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
-                 out_features: int, in_features: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/32, N, 2] bf16
-        self.out_features, self.in_features = out_features, in_features
-        self.bias = bias
-
-    @classmethod
-    def from_q4_1(cls, raw: np.ndarray, bias: torch.Tensor | None = None) -> Int4PackLinear:
-        """raw: [N, K/32 * 20] bytes of a GGUF Q4_1 tensor, one output row per line."""
-        q, d, m = unpack_q4_1(raw)
-        out_features, in_features = q.shape
-        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        scales_and_zeros = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1)
-        return cls(packed, scales_and_zeros.to(torch.bfloat16).contiguous(), out_features,
-                   in_features, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP_SIZE,
-                                                       self.scales_and_zeros)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def dequantized(self) -> torch.Tensor:
-        """The weights this layer multiplies by, [N, K] in fp32 (for tests and checks)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            eye, self.packed, GROUP_SIZE, self.scales_and_zeros).float().T
-
-
-def int4_linear(raw: np.ndarray, bias: torch.Tensor | None = None) -> nn.Module:
-    """The fastest int4 linear this CPU runs for Q4_1 rows: the project's kernel, or torch's."""
-    if block_matmul.available():
-        return Q4_1Linear(raw, bias)
-    return Int4PackLinear.from_q4_1(raw, bias)
-
-
-def int4_kernel() -> str:
-    """Which kernel multiplies int4 weights here: their activations' precision differs, so
-    anything computed with int4 weights (training features) names it."""
-    return "q4_1-q8" if block_matmul.available() else "int4pack-bf16"
-
-
 def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
     """Undoes llama.cpp's reordering of q / k rows (its rotary layout), as transformers does
     when it loads a GGUF; whole rows move, so quantized blocks stay intact."""
@@ -113,10 +62,10 @@ def unpermute_rows(raw: np.ndarray, num_heads: int) -> np.ndarray:
     return raw.reshape(num_heads, half, 2, -1).swapaxes(1, 2).reshape(raw.shape)
 
 
-def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
-    """Every linear of the decoder layers in int4, from the GGUF's own Q4_1 tensors, and the
-    LM head from its Q8_0 tensor (see `use_int4_head`). Raises WeightFormatError for a GGUF
-    whose linears are not all Q4_1."""
+def int4_blocks_from_gguf(model: nn.Module, gguf_path: str | Path) -> dict[str, torch.Tensor]:
+    """The int4 format's weights from the GGUF's own blocks, packed for the kernel: each fused
+    linear of the decoder layers from its Q4_1 tensors, the LM head from its Q8_0 tensor (see
+    `int4_head_blocks`). Raises WeightFormatError for a GGUF whose linears are not all Q4_1."""
     from gguf import GGUFReader
 
     config = model.config
@@ -132,11 +81,53 @@ def use_int4_from_gguf(model: nn.Module, gguf_path: str | Path) -> None:
         raw = np.asarray(tensor.data)
         return unpermute_rows(raw, heads[gguf_name]) if gguf_name in heads else raw
 
-    _replace_linears(model, lambda index, names, linears: int4_linear(
-        np.concatenate([q4_1_rows(index, name) for name in names]), _joined_bias(linears)))
+    blocks = {_block_name(g.index, g.gguf_names): pack_q4_1(
+        np.concatenate([q4_1_rows(g.index, name) for name in g.gguf_names]))
+        for g in _linear_groups(model)}
     head = tensors.get("output.weight", tensors.get("token_embd.weight"))  # untied, or tied
     q8_0 = head is not None and head.tensor_type.name == "Q8_0"
-    use_int4_head(model, np.asarray(head.data) if q8_0 else None)
+    blocks[HEAD_BLOCKS] = int4_head_blocks(model, np.asarray(head.data) if q8_0 else None)
+    return blocks
+
+
+def int4_blocks_quantized(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The int4 format's weights quantized here to Q4_1, packed for the kernel (for a model that
+    comes without a GGUF); the LM head as `int4_head_blocks`."""
+    blocks = {_block_name(g.index, g.gguf_names): pack_q4_1(
+        quantize_q4_1(torch.cat([linear.weight for linear in g.linears])))
+        for g in _linear_groups(model)}
+    blocks[HEAD_BLOCKS] = int4_head_blocks(model, None)
+    return blocks
+
+
+def int4_head_blocks(model: nn.Module, q8_0_rows: np.ndarray | None) -> torch.Tensor:
+    """The LM head of the int4 format, packed Q8_0 blocks: the GGUF's own, else quantized here
+    (as llama.cpp's quantizer makes them, q in -127..127; the kernels' products need that
+    range)."""
+    weight = model.get_output_embeddings().weight
+    if (q8_0_rows is None or q8_0_rows.shape[0] != weight.shape[0]
+            or unpack_q8_0(q8_0_rows)[0].min() < -127):
+        q8_0_rows = quantize_q8_0(weight)
+    return pack_q8_0(q8_0_rows)
+
+
+def use_int4_blocks(model: nn.Module, blocks: dict[str, torch.Tensor]) -> None:
+    """Every linear of the decoder layers, and the LM head, multiplied by the quantized-block
+    kernel from `blocks` (`int4_blocks_from_gguf` or `int4_blocks_quantized`). The LM head,
+    tied to the input embeddings, gets its own blocks, and the embeddings stay as they are."""
+    _replace_linears(model, lambda index, names, linears: Q4_1Linear(
+        blocks[_block_name(index, names)], sum(linear.out_features for linear in linears),
+        linears[0].in_features, _joined_bias(linears)))
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(Q8_0Linear(blocks[HEAD_BLOCKS], *head.weight.shape, head.bias))
+
+
+HEAD_BLOCKS = "output"  # the LM head's name among the int4 blocks
+
+
+def _block_name(index: int, gguf_names: tuple[str, ...]) -> str:
+    """A fused linear's name among the int4 blocks: `blk.3.attn_q+attn_k+attn_v`."""
+    return f"blk.{index}.{'+'.join(gguf_names)}"
 
 
 def has_q4_1_linears(gguf_path: str | Path) -> bool:
@@ -147,28 +138,6 @@ def has_q4_1_linears(gguf_path: str | Path) -> bool:
              if t.name.startswith("blk.") and t.name.endswith(".weight")
              and t.name.split(".")[2] in GGUF_LINEARS]
     return bool(kinds) and all(kind == "Q4_1" for kind in kinds)
-
-
-def use_int4_quantized(model: nn.Module) -> None:
-    """Every linear of the decoder layers quantized to Q4_1 here, then int4 (for a model that
-    comes without a GGUF); the LM head as `use_int4_head`."""
-    _replace_linears(model, lambda index, names, linears: int4_linear(
-        quantize_q4_1(torch.cat([linear.weight for linear in linears])),
-        _joined_bias(linears)))
-    use_int4_head(model, None)
-
-
-def use_int4_head(model: nn.Module, q8_0_rows: np.ndarray | None) -> None:
-    """The LM head of the int4 format: Q8_0 blocks on the quantized-block kernel (the GGUF's
-    own, else quantized here), or bf16 where the kernel does not run. Tied to the input
-    embeddings, it gets its own copy, and the embeddings stay as they are."""
-    if not block_matmul.available():
-        use_bf16_head(model)
-        return
-    head = model.get_output_embeddings()
-    if q8_0_rows is None or q8_0_rows.shape[0] != head.weight.shape[0]:
-        q8_0_rows = quantize_q8_0(head.weight)
-    model.set_output_embeddings(Q8_0Linear(q8_0_rows, head.bias))
 
 
 def use_stacked_linears(model: nn.Module) -> None:
@@ -254,22 +223,37 @@ FUSED_GROUPS = (
 )
 
 
-def _replace_linears(model: nn.Module, make) -> None:
-    """`make(layer index, GGUF names, linears)` builds one module for the linears' rows
-    stacked; several linears become slices of it."""
+class LinearGroup(NamedTuple):
+    """Linears of one decoder layer computed together, as one module."""
+
+    index: int  # the layer's
+    parent: nn.Module  # the module holding them
+    gguf_names: tuple[str, ...]
+    attributes: tuple[str, ...]
+    linears: list[nn.Module]
+
+
+def _linear_groups(model: nn.Module) -> Iterator[LinearGroup]:
     for index, layer in enumerate(model.get_decoder().layers):
         for parent_name, gguf_names, attributes in FUSED_GROUPS:
             parent = layer.get_submodule(parent_name)
-            linears = [getattr(parent, a) for a in attributes]
-            fused = make(index, gguf_names, linears)
-            if len(linears) == 1:
-                setattr(parent, attributes[0], fused)
-                continue
-            start = 0
-            for attribute, linear in zip(attributes, linears):
-                end = start + linear.out_features
-                setattr(parent, attribute, OutputSlice(fused, start, end))
-                start = end
+            yield LinearGroup(index, parent, gguf_names, attributes,
+                              [getattr(parent, a) for a in attributes])
+
+
+def _replace_linears(model: nn.Module, make) -> None:
+    """`make(layer index, GGUF names, linears)` builds one module for the linears' rows
+    stacked; several linears become slices of it."""
+    for group in list(_linear_groups(model)):
+        fused = make(group.index, group.gguf_names, group.linears)
+        if len(group.linears) == 1:
+            setattr(group.parent, group.attributes[0], fused)
+            continue
+        start = 0
+        for attribute, linear in zip(group.attributes, group.linears):
+            end = start + linear.out_features
+            setattr(group.parent, attribute, OutputSlice(fused, start, end))
+            start = end
 
 
 def _joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:

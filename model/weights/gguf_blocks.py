@@ -19,7 +19,8 @@ from model.weights import block_matmul
 
 GROUP_SIZE = 32  # weights per block
 Q4_1_BYTES, Q8_0_BYTES = 20, 34  # one block in a GGUF
-COLUMNS = 16  # output columns the kernel computes together (one AVX-512 register of floats)
+COLUMNS = 16  # output columns of one group of the packed layout (block_matmul.c)
+PACKED_LAYOUT = 1  # the packed layouts' version: packed blocks kept on disk name it
 
 
 def unpack_q4_1(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +145,7 @@ class _BlockProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
         ctx.layer = layer
-        return layer.kernel(x, layer.packed, layer.out_features)
+        return layer.product(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -155,30 +156,46 @@ class BlockLinear(nn.Module):
     """y = x W^T (+ b) with W in a GGUF's quantized blocks, as they are in the file, multiplied by
     the C kernel: as in llama.cpp, each row of x is rounded to 8 bits per block of 32 (scale
     max |x| / 127), so a block's dot product is exact integer arithmetic. x and y are fp32, and
-    each row's output depends on that row alone. Needs AVX-512 VNNI
-    (`block_matmul.available`)."""
+    each row's output depends on that row alone. `kernels`: the built kernels to multiply with
+    (default: those of the instruction set `model.native` chooses)."""
 
     # set by each format: bytes of one GGUF block, its repacking and the way back to weights
-    # ([N / 16, K / 32, bytes] -> [N padded, K] fp32), the kernel that multiplies it
+    # ([N / 16, K / 32, bytes] -> [N padded, K] fp32), the kernel's function that multiplies it
     block_bytes: int
     pack: Callable[[np.ndarray], torch.Tensor]
     unpack: Callable[[np.ndarray], np.ndarray]
-    kernel: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    multiply: Callable[[block_matmul.BlockMatmul, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-    def __init__(self, raw: np.ndarray, bias: torch.Tensor | None = None):
+    def __init__(self, packed: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None,
+                 kernels: block_matmul.BlockMatmul | None = None):
         super().__init__()
-        self.register_buffer("packed", self.pack(raw))
-        self.out_features = raw.shape[0]
-        self.in_features = raw.shape[1] // self.block_bytes * GROUP_SIZE
+        kernels = kernels or block_matmul.for_isa()
+        if kernels is None:
+            raise RuntimeError("the quantized-block kernels need a C compiler")
+        self.register_buffer("packed", packed)
+        self.out_features, self.in_features = out_features, in_features
         self.bias = bias
+        self.kernels = kernels
         self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_gguf(cls, raw: np.ndarray, bias: torch.Tensor | None = None,
+                  kernels: block_matmul.BlockMatmul | None = None) -> BlockLinear:
+        """raw: [N, K/32 * block bytes] bytes of a GGUF tensor, one output row per line."""
+        in_features = raw.shape[1] // cls.block_bytes * GROUP_SIZE
+        return cls(cls.pack(raw), raw.shape[0], in_features, bias, kernels)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 times the weights, without the bias: [M, N] fp32."""
+        return self.multiply(self.kernels, x, self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         if flat.requires_grad and torch.is_grad_enabled():
             y = _BlockProduct.apply(flat, self)
         else:
-            y = self.kernel(flat, self.packed, self.out_features)
+            y = self.product(flat)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -196,10 +213,10 @@ class BlockLinear(nn.Module):
 class Q4_1Linear(BlockLinear):
     block_bytes = Q4_1_BYTES
     pack, unpack = staticmethod(pack_q4_1), staticmethod(unpack_packed_q4_1)
-    kernel = staticmethod(block_matmul.q4_1_matmul)
+    multiply = staticmethod(block_matmul.BlockMatmul.q4_1)
 
 
 class Q8_0Linear(BlockLinear):
     block_bytes = Q8_0_BYTES
     pack, unpack = staticmethod(pack_q8_0), staticmethod(unpack_packed_q8_0)
-    kernel = staticmethod(block_matmul.q8_0_matmul)
+    multiply = staticmethod(block_matmul.BlockMatmul.q8_0)

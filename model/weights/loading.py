@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -24,15 +25,19 @@ from transformers import (
 )
 
 from model.cache import cache_dir
+from model.native import describe_isa
+from model.weights import block_matmul
 from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES, WEIGHT_FORMATS
 from model.weights.formats import (
     WeightFormatError,
     has_q4_1_linears,
+    int4_blocks_from_gguf,
+    int4_blocks_quantized,
     use_bf16_linears,
-    use_int4_from_gguf,
-    use_int4_quantized,
+    use_int4_blocks,
     use_stacked_linears,
 )
+from model.weights.gguf_blocks import PACKED_LAYOUT
 
 log = logging.getLogger("groupwise.model")
 
@@ -44,6 +49,23 @@ TINY_MODEL_NAME = "tiny-random"
 
 class ModelLoadError(RuntimeError):
     """The requested model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    """A model that comes as a GGUF file, and what the cache dir keeps of it: its weights
+    dequantized (safetensors, what transformers loads) and its int4 blocks packed for the
+    kernel, so that a later start reads both instead of the GGUF."""
+
+    path: Path
+    converted: Path  # the directory of the dequantized copy
+
+    @property
+    def int4_blocks(self) -> Path:
+        return self.converted / f"int4-blocks-v{PACKED_LAYOUT}.safetensors"
+
+    def has_q4_1_linears(self) -> bool:
+        return self.int4_blocks.is_file() or has_q4_1_linears(self.path)
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,11 @@ class LoadedModel:
     @property
     def max_context(self) -> int:
         return int(self.model.config.max_position_embeddings)
+
+    @property
+    def kernels(self) -> str:
+        """What computes its steps: on a CPU the C kernels' instruction set (`model.native`)."""
+        return f"{describe_isa()} kernels" if self.device.type == "cpu" else "Triton kernels"
 
 
 def embedded_gguf_path() -> Path:
@@ -108,15 +135,17 @@ def load_model(
         torch.set_num_threads(threads)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    gguf = None
+    gguf: GgufSource | None = None
     if spec == TINY_MODEL_NAME:
         from model.weights.tiny import build_tiny_model
 
         tiny = build_tiny_model()
         model, tokenizer, name = tiny.model.to(torch_device, torch_dtype), tiny.tokenizer, spec
     else:
-        gguf, name = _gguf_and_name(spec)
-        source = _converted_gguf(gguf) if gguf is not None else spec
+        gguf_path, name = _gguf_and_name(spec)
+        if gguf_path is not None:
+            gguf = GgufSource(gguf_path, _converted_gguf(gguf_path))
+        source = gguf.converted if gguf is not None else spec
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
@@ -156,38 +185,60 @@ def _gguf_and_name(spec: str | None) -> tuple[Path | None, str]:
 
 
 def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
-                    gguf: Path | None) -> str:
+                    gguf: GgufSource | None) -> str:
     """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA, where q / k / v and
     gate / up are stacked into one matmul each). bf16 and int4 are CPU
     formats (torch's fast kernels for them are the CPU ones); int4 comes from a GGUF's own Q4_1
     blocks when the model is one, else from quantizing the loaded weights. auto: int4 for a
     GGUF of Q4_1 linears on a CPU (the embedded model: no quantization beyond the file's own,
     and grouping still never changes an answer, since attention computes each token alone),
-    otherwise the weights as loaded."""
+    otherwise the weights as loaded. Only where the int4 kernels have a vector variant for this
+    CPU (`int4_pays`): the portable one is slower than float32."""
     if weights == AUTO_WEIGHTS:
-        fast = device.type == "cpu" and dtype == torch.float32
-        return "int4" if fast and gguf is not None and has_q4_1_linears(gguf) else "fp32"
+        fast = device.type == "cpu" and dtype == torch.float32 and int4_pays()
+        return "int4" if fast and gguf is not None and gguf.has_q4_1_linears() else "fp32"
     if weights not in WEIGHT_FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}: use "
                              f"{', '.join(WEIGHT_CHOICES)}")
     if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
         raise ModelLoadError(f"--weights {weights} needs --device cpu and float32 (the rest of "
                              "the step runs in float32)")
+    if weights == "int4" and block_matmul.for_isa() is None:
+        raise ModelLoadError("--weights int4 needs a C compiler to build its kernels")
     return weights
 
 
-def apply_weights(model: PreTrainedModel, weights: str, gguf: Path | None) -> None:
+def int4_pays() -> bool:
+    """Whether int4 weights beat float32 on this CPU: where the quantized-block kernels have a
+    vector variant for it (not the portable C)."""
+    kernels = block_matmul.for_isa()
+    return kernels is not None and kernels.variant != "scalar"
+
+
+def apply_weights(model: PreTrainedModel, weights: str, gguf: GgufSource | None) -> None:
     if weights == "fp32" and model.device.type == "cuda":
         use_stacked_linears(model)
     elif weights == "bf16":
         use_bf16_linears(model)
-    elif weights == "int4" and gguf is not None:
-        try:
-            use_int4_from_gguf(model, gguf)
-        except WeightFormatError as exc:
-            raise ModelLoadError(str(exc)) from exc
     elif weights == "int4":
-        use_int4_quantized(model)
+        use_int4_blocks(model, _int4_blocks(model, gguf))
+
+
+def _int4_blocks(model: PreTrainedModel, gguf: GgufSource | None) -> dict[str, torch.Tensor]:
+    """A GGUF's own blocks, packed once and kept in the cache dir; or the loaded weights
+    quantized here."""
+    if gguf is None:
+        return int4_blocks_quantized(model)
+    if gguf.int4_blocks.is_file():
+        return load_file(gguf.int4_blocks)
+    try:
+        blocks = int4_blocks_from_gguf(model, gguf.path)
+    except WeightFormatError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    partial = gguf.int4_blocks.with_name(f"{gguf.int4_blocks.name}.{os.getpid()}.tmp")
+    save_file(blocks, partial)
+    os.replace(partial, gguf.int4_blocks)  # atomic: a concurrent loader reads a whole file
+    return blocks
 
 
 def _prepare(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
