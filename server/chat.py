@@ -13,8 +13,7 @@ import uuid
 
 from fastapi import Request
 
-from model.engine.grouped_engine import Member, TokenEvent
-from model.engine.sampling import SamplingParams
+from model.engine.request import Member, SamplingParams, TokenEvent
 from server.question import Question
 from server.responses import respond
 from server.schemas import ChatCompletionRequest
@@ -107,11 +106,12 @@ async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant:
     The tenant and the cache salt scope both the prefix cache and the group hint."""
     prompt_ids = await encode_prompt(body, services)
     # a default max_tokens must fit both the context and the whole KV cache
-    room = min(services.engine.max_context, services.engine.pool.capacity)
+    limits = services.engine.limits
+    room = min(limits.max_context, limits.kv_capacity)
     params = sampling_params(body, len(prompt_ids), room)
     namespace = (tenant, body.cache_salt)
     member = Member(prompt_ids, params, namespace=namespace)
-    services.engine.check_group([member])
+    limits.check_group([member])
     question = Question(member, asyncio.Queue())
     hint = body.group_id or header_hint
     services.scheduler.submit(question, (namespace, hint) if hint else None)

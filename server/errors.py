@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from model.engine.grouped_engine import EngineInputError
+from model.engine.request import EngineInputError
 from server.scheduler import QueueFullError, TooManyQuestionsError
 
 log = logging.getLogger("groupwise.server")

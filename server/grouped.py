@@ -18,8 +18,7 @@ import uuid
 
 from fastapi import Request
 
-from model.engine.grouped_engine import EngineInputError, Member, TokenEvent
-from model.engine.sampling import SamplingParams
+from model.engine.request import EngineInputError, Member, SamplingParams, TokenEvent
 from model.prompts import extract_answer, question_messages
 from server.question import Question, QuestionEvent
 from server.responses import respond
@@ -119,13 +118,13 @@ async def _enqueue(body: GroupedCompletionRequest, tenant: int,
             raise await _name_the_field(exc, body, index, services) from None
         member = Member(prompt_ids, params, namespace=namespace)
         try:
-            services.engine.check_member(member)
+            services.engine.limits.check_member(member)
         except EngineInputError as exc:
             raise await _name_the_field(exc, body, index, services) from None
         questions.append(Question(member, events, index=index))
     size = services.settings.max_group_size
     for start in range(0, len(questions), size):  # the groups the scheduler will form
-        services.engine.check_group([q.member for q in questions[start : start + size]])
+        services.engine.limits.check_group([q.member for q in questions[start : start + size]])
     services.scheduler.submit_group(questions)
     return questions
 
@@ -136,7 +135,7 @@ async def _name_the_field(error: EngineInputError, body: GroupedCompletionReques
     long with any question is the context's fault; otherwise it is this question's."""
     if error.param != "messages":
         return EngineInputError(f"questions[{index}]: {error}", error.param)
-    limit = services.engine.max_context
+    limit = services.engine.limits.max_context
     try:
         bare = len(await services.encode(question_messages(body.context, "",
                                                            body.system_prompt), "context"))

@@ -5,8 +5,6 @@ Each app owns its registry, so several apps can live in one process (the tests b
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,6 +14,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from model.engine.request import EngineCounters
 from server.question import Question
 from server.scheduler import Scheduler
 
@@ -24,21 +23,6 @@ TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 GROUP_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 GROUP_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-class EngineCounters(Protocol):
-    """What the metrics read from the engine after a step (`GroupedEngine`)."""
-
-    @property
-    def kv_cache_usage(self) -> float: ...
-
-    @property
-    def prefix_cache_queries(self) -> int:
-        """Cumulative, since the engine was built."""
-
-    @property
-    def prefix_cache_hits(self) -> int:
-        """Cumulative, since the engine was built."""
 
 
 class ServerMetrics:
@@ -101,10 +85,10 @@ class ServerMetrics:
         self.num_requests_running.set_function(
             lambda: scheduler.num_in_flight - scheduler.num_waiting)
 
-    def observe_engine(self, engine: EngineCounters) -> None:
+    def observe_engine(self, counters: EngineCounters) -> None:
         """After an engine step (in the worker thread): pool usage and cache counters."""
-        self.kv_cache_usage.set(engine.kv_cache_usage)
-        queries, hits = engine.prefix_cache_queries, engine.prefix_cache_hits
+        self.kv_cache_usage.set(counters.kv_cache_usage)
+        queries, hits = counters.prefix_cache_queries, counters.prefix_cache_hits
         self.prefix_cache_queries.inc(queries - self._engine_counts[0])
         self.prefix_cache_hits.inc(hits - self._engine_counts[1])
         self._engine_counts = (queries, hits)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.engine.grouped_engine import EngineInputError, GroupedEngine
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.request import EngineInputError
 from model.head.group_head import GroupHead
 from model.head.shipped import shipped_checkpoint
 from model.prompts import encode_chat, longest_token_chars
@@ -58,7 +59,7 @@ class Services:
                                kv_cache_mb=settings.kv_cache_mb,
                                max_prefill_tokens=settings.max_prefill_tokens,
                                decode_graph_rows=settings.decode_graph_rows)
-        log.info("KV cache: %d tokens (%.0f MiB)", engine.pool.capacity,
+        log.info("KV cache: %d tokens (%.0f MiB)", engine.limits.kv_capacity,
                  engine.pool.kv.nbytes / 2**20)
         self.max_token_chars = longest_token_chars(loaded.tokenizer)
         self.loaded, self.engine = loaded, engine
@@ -88,11 +89,11 @@ class Services:
         that fits the context could be (every token at most `max_token_chars` characters) is
         refused first, without tokenizing it."""
         chars = sum(len(m["content"]) for m in messages)
-        limit = self.engine.max_context * self.max_token_chars
+        limit = self.engine.limits.max_context * self.max_token_chars
         if chars > limit:
             raise EngineInputError(
                 f"the prompt has {chars} characters; this model's maximum context length is "
-                f"{self.engine.max_context} tokens, which hold at most {limit} characters",
+                f"{self.engine.limits.max_context} tokens, which hold at most {limit} characters",
                 param)
         return await asyncio.to_thread(encode_chat, self.loaded.tokenizer, messages)
 

@@ -18,8 +18,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from model.engine.request import EngineInputError, Member, TokenEvent, Usage
-from server.metrics import EngineCounters
+from model.engine.request import EngineCounters, Member, TokenEvent, Usage
 from server.question import EngineFailure, Question, QuestionEvent
 
 log = logging.getLogger("groupwise.server")
@@ -28,12 +27,14 @@ _FAIL_ALL = object()
 SHUTDOWN_MESSAGE = "the server shut down before this answer was complete; retry"
 
 
-class Engine(EngineCounters, Protocol):
-    """What the worker thread asks of the engine (`GroupedEngine`); the counters
-    go to the metrics after each step."""
+class Engine(Protocol):
+    """What the worker thread asks of the engine (`GroupedEngine`); its counters go to the
+    metrics after each step."""
 
     @property
     def has_work(self) -> bool: ...
+
+    def counters(self) -> EngineCounters: ...
 
     def add(self, members: Sequence[Member], uses_trained_head: bool = True) -> None: ...
 
@@ -46,7 +47,7 @@ class Engine(EngineCounters, Protocol):
 
 
 class WorkerMetrics(Protocol):
-    def observe_engine(self, engine: EngineCounters) -> None: ...
+    def observe_engine(self, counters: EngineCounters) -> None: ...
 
     def observe_first_token(self, question: Question) -> None: ...
 
@@ -109,8 +110,10 @@ class EngineWorker:
     def _add(self, members: list[Member], uses_trained_head: bool) -> None:
         try:
             self._engine.add(members, uses_trained_head)
-        except EngineInputError as exc:  # the HTTP side checked it; a last line of defence
-            self._post([EngineFailure(m, str(exc)) for m in members])
+        except Exception as exc:  # noqa: BLE001 - the edge checked the group: this is a bug
+            log.exception("the engine refused a group")
+            self._post([EngineFailure(m, f"the engine refused this request: {exc!r}")
+                        for m in members])
 
     def _step(self) -> None:
         try:
@@ -120,7 +123,7 @@ class EngineWorker:
             message = f"the engine failed while generating: {type(exc).__name__}: {exc}"
             events = [EngineFailure(m, message) for m in self._engine.reset()]
         self._post(events)
-        self._metrics.observe_engine(self._engine)
+        self._metrics.observe_engine(self._engine.counters())
 
     def _post(self, items: list[QuestionEvent]) -> None:
         if not items:

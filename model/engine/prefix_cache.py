@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from model.engine.kv_pool import SlotAllocator
+from model.engine.slots import SlotAllocator
 
 _serials = itertools.count()
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from model.engine.grouped_engine import shared_prefix_length
 from model.engine.kv_pool import KVPool
+from model.engine.limits import shared_prefix_length
 from model.forward.attention import AttentionPlan, Span
 from model.forward.decoder import DecoderForward, StepInputs
 
