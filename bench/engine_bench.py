@@ -25,9 +25,9 @@ from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
 from model.head.group_head import GroupHead, GroupHeadConfig
 from model.head.shipped import shipped_checkpoint
-from model.prompts import encode_chat, question_messages
 from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import LoadedModel, load_model, weights_signature
+from server.prompts import encode_chat, question_messages
 
 COLUMNS = [
     ("G", "group_size", "{}"),

@@ -19,7 +19,7 @@ import uuid
 from fastapi import Request
 
 from model.engine.request import EngineInputError, Member, SamplingParams, TokenEvent
-from model.prompts import extract_answer, question_messages
+from server.prompts import extract_answer, question_messages
 from server.question import Question, QuestionEvent
 from server.responses import respond
 from server.schemas import GroupedCompletionRequest

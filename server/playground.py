@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
-from model.prompts import question_messages
+from server.prompts import question_messages
 
 STATIC = Path(__file__).parent / "static"
 PAGE = "/playground"

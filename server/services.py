@@ -16,10 +16,10 @@ from model.engine.grouped_engine import GroupedEngine
 from model.engine.request import EngineInputError
 from model.head.group_head import GroupHead
 from model.head.shipped import shipped_checkpoint
-from model.prompts import encode_chat, longest_token_chars
 from server.config import CSA_AUTO, Settings
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.prompts import encode_chat, longest_token_chars
 from server.scheduler import Scheduler
 
 if TYPE_CHECKING:  # model.weights.loading imports transformers (seconds): only where it loads

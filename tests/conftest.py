@@ -39,9 +39,9 @@ import uvicorn
 
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
-from model.prompts import encode_chat
 from model.weights.loading import LoadedModel, load_model
 from model.weights.tiny import TinyModel, build_tiny_model
+from server.prompts import encode_chat
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

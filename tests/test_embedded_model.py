@@ -8,8 +8,8 @@ import torch
 from bench.squad import load_selection
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
-from model.prompts import encode_chat, question_messages
 from model.weights.loading import EMBEDDED_MODEL_NAME, load_model
+from server.prompts import encode_chat, question_messages
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import model.engine.grouped_engine as engine_module
 from model.engine.grouped_engine import GroupedEngine
 from model.engine.request import EngineInputError, Member, SamplingParams
 from model.forward.decoder import PoolShape
-from model.prompts import encode_chat, question_messages
+from server.prompts import encode_chat, question_messages
 from tests.test_engine import CONTEXTS, QUESTIONS, prompts_for, reference_greedy, run
 
 

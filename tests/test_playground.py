@@ -9,9 +9,9 @@ import re
 import httpx
 import pytest
 
-from model.prompts import question_messages
 from server.config import Settings, SettingsError
 from server.playground import STATIC
+from server.prompts import question_messages
 
 ASSET_TYPES = {"/playground": "text/html", "/playground/playground.js": "text/javascript",
                "/playground/playground.css": "text/css"}

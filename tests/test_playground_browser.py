@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from model.prompts import question_messages
+from server.prompts import question_messages
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (deploy/install-test-deps.sh)
 CHROMIUM_FLAGS = [

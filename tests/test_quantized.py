@@ -9,11 +9,11 @@ import torch
 
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
-from model.prompts import encode_chat, question_messages
 from model.weights import block_matmul
 from model.weights.formats import Int4PackLinear, OutputSlice, has_q4_1_linears, unpermute_rows
 from model.weights.gguf_blocks import Q4_1Linear, Q8_0Linear, quantize_q4_1, unpack_q4_1
 from model.weights.loading import ModelLoadError, embedded_gguf_path, load_model, resolve_weights
+from server.prompts import encode_chat, question_messages
 from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
 
 

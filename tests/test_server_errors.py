@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from model.prompts import encode_chat
+from server.prompts import encode_chat
 
 USER = [{"role": "user", "content": "Hello"}]
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from model.engine.limits import shared_prefix_length
-from model.prompts import ANSWER_SYSTEM_PROMPT, encode_chat, extract_answer, question_messages
+from server.prompts import ANSWER_SYSTEM_PROMPT, encode_chat, extract_answer, question_messages
 
 CONTEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. "
            "The basin spans nine nations and about seven million square kilometres.")

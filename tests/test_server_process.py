@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.squad import SELECTION_FILE
-from model.prompts import question_messages
+from server.prompts import question_messages
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent

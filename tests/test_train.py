@@ -259,8 +259,8 @@ def test_shipped_checkpoints_are_small_and_describe_themselves():
 def test_shipped_checkpoint_loads_on_the_embedded_model_and_keeps_g1_answers():
     from model.engine.grouped_engine import GroupedEngine, Member
     from model.engine.sampling import SamplingParams
-    from model.prompts import encode_chat, extract_answer, question_messages
     from model.weights.loading import load_model, weights_signature
+    from server.prompts import encode_chat, extract_answer, question_messages
 
     loaded = load_model()
     signature = weights_signature(loaded.model)
