@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from bench.squad import Group, load_selection, make_groups, score_answer
-from model.engine.grouped_engine import GroupedEngine, Member
-from model.engine.sampling import SamplingParams
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.interface import Member, SamplingParams
+from model.head.files import shipped_checkpoint
 from model.head.group_head import GroupHead, GroupHeadConfig
-from model.head.shipped import shipped_checkpoint
 from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import LoadedModel, load_model, weights_signature
 from server.prompts import encode_chat, question_messages

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     error = app.state.services.load_error
     if error is None:
         return 0
-    from model.head.group_head import CheckpointMismatchError
+    from model.head.files import CheckpointMismatchError
     from model.weights.loading import ModelLoadError
 
     if not isinstance(error, ModelLoadError | CheckpointMismatchError | FileNotFoundError):

@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from model.engine.request import EngineInputError
-from server.scheduler import QueueFullError, TooManyQuestionsError
+from model.engine.interface import EngineInputError
+from server.dispatcher import QueueFullError, TooManyQuestionsError
 
 log = logging.getLogger("groupwise.server")
 

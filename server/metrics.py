@@ -14,9 +14,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from model.engine.request import EngineCounters
+from model.engine.interface import EngineCounters
+from server.dispatcher import Dispatcher
 from server.question import Question
-from server.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -79,11 +79,11 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def track_queue(self, scheduler: Scheduler) -> None:
-        """The waiting / running gauges read the scheduler when scraped."""
-        self.num_requests_waiting.set_function(lambda: scheduler.num_waiting)
+    def track_queue(self, dispatcher: Dispatcher) -> None:
+        """The waiting / running gauges read the dispatcher when scraped."""
+        self.num_requests_waiting.set_function(lambda: dispatcher.num_waiting)
         self.num_requests_running.set_function(
-            lambda: scheduler.num_in_flight - scheduler.num_waiting)
+            lambda: dispatcher.num_in_flight - dispatcher.num_waiting)
 
     def observe_engine(self, counters: EngineCounters) -> None:
         """After an engine step (in the worker thread): pool usage and cache counters."""

@@ -7,9 +7,9 @@ import contextlib
 import json
 from collections.abc import Awaitable, Callable
 
+from server.dispatcher import Dispatcher
 from server.errors import APIError, ClientDisconnected
 from server.question import EngineFailure, Question, QuestionEvent
-from server.scheduler import Scheduler
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 SSE_DONE = b"data: [DONE]\n\n"
@@ -59,10 +59,10 @@ def sse_event(data: dict) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def release(scheduler: Scheduler, questions: list[Question], watcher: DisconnectWatcher) -> None:
+def release(dispatcher: Dispatcher, questions: list[Question], watcher: DisconnectWatcher) -> None:
     """The HTTP side is done with `questions`: unfinished ones (their client left, or the
     handler failed) are aborted, so they leave their group without disturbing it."""
     watcher.close()
     for question in questions:
         if not question.is_finished:
-            scheduler.abort(question)
+            dispatcher.abort(question)

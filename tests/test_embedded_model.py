@@ -62,5 +62,5 @@ def test_the_shipped_head_loads_on_bf16_weights():
     assert head is not None and source.endswith("smollm2-135m-instruct")
     services = Services(Settings(dtype="bfloat16"))
     services.load()
-    assert services.loaded.model.dtype is torch.bfloat16
+    assert services.engine.model.dtype is torch.bfloat16
     assert services.engine.csa is not None

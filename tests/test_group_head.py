@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model.head.files import CheckpointMismatchError
+from model.head.group_head import GroupHead, GroupHeadConfig
 
 D = 32
 

@@ -83,5 +83,6 @@ def test_playground_off_serves_neither_the_page_nor_the_redirect(start_server):
 def test_playground_setting_reads_on_and_off_only():
     assert Settings.from_sources([], environ={}).playground is True
     assert Settings.from_sources([], environ={"GROUPWISE_PLAYGROUND": "OFF"}).playground is False
-    with pytest.raises(SettingsError, match="--playground: cannot read 'no' as on or off"):
+    refused = r"--playground \(GROUPWISE_PLAYGROUND\): cannot read 'no'"
+    with pytest.raises(SettingsError, match=refused):
         Settings.from_sources(["--playground", "no"], environ={})

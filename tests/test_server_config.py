@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model.head.files import CheckpointMismatchError
+from model.head.group_head import GroupHead, GroupHeadConfig
 from model.weights.loading import weights_signature
 from server.__main__ import main
 from server.app import create_app
@@ -44,7 +45,10 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [
-        ([], {"GROUPWISE_PORT": "eighty"}, "GROUPWISE_PORT: cannot read 'eighty'"),
+        ([], {"GROUPWISE_PORT": "eighty"},
+         "--port (GROUPWISE_PORT): cannot read 'eighty' as an integer"),
+        (["--playground", "maybe"], {},
+         "--playground (GROUPWISE_PLAYGROUND): cannot read 'maybe' as on or off"),
         (["--port", "70000"], {}, "--port (GROUPWISE_PORT): must be in 0..65535, got 70000"),
         (["--max-group-size", "0"], {},
          "--max-group-size (GROUPWISE_MAX_GROUP_SIZE): must be >= 1"),
@@ -78,7 +82,7 @@ def test_a_comma_separated_api_key_is_one_tenant_per_key():
 
 def test_main_exits_2_on_a_bad_setting(capsys):
     assert main(["--port", "x"]) == 2
-    assert "--port: cannot read 'x'" in capsys.readouterr().err
+    assert "--port (GROUPWISE_PORT): cannot read 'x'" in capsys.readouterr().err
 
 
 def test_csa_path_resolution(tmp_path):
@@ -114,4 +118,18 @@ def test_matching_checkpoint_is_loaded(tiny_model, tmp_path):
 def test_missing_checkpoint_directory_stops_start_up(tmp_path, capsys):
     missing = tmp_path / "nothing-here"
     assert main(["--model", "tiny-random", "--csa", str(missing)]) == 2
-    assert f"--csa (GROUPWISE_CSA): no CSA checkpoint at {missing}" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "--csa (GROUPWISE_CSA): must be auto, off or a CSA checkpoint directory" in said
+    assert f"{missing} holds no CSA checkpoint" in said
+    assert main(["--model", "tiny-random", "--csa", "maybe"]) == 2
+    assert "must be auto, off or" in capsys.readouterr().err
+
+
+def test_every_flag_shows_its_default_and_its_variable_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option in OPTIONS:
+        assert f"(default: {option.default}; env {option.env})" in shown, option.flag
+    assert "(default: 127.0.0.1; env GROUPWISE_HOST)" in shown
+    assert "(default: 1024 on cpu, 8192 on cuda, at most 16 full contexts;" in shown

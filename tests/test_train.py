@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from bench import engine_bench
 from model.forward.decoder import DecoderForward
+from model.head.files import shipped_checkpoint
 from model.head.group_head import (
     CheckpointMismatchError,
     GroupHead,
     GroupHeadConfig,
     read_checkpoint_config,
 )
-from model.head.shipped import shipped_checkpoint
 from model.weights.tiny import build_tiny_model
 from train.__main__ import main as train_main
 from train.data import Passage, Question, make_examples, read_squad

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.squad import DATA_DIR
-from model.head.shipped import CHECKPOINT_DIR, SHIPPED
+from model.head.files import CHECKPOINT_DIR, SHIPPED
 from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES
 from model.weights.loading import load_model, weights_fingerprint, weights_signature
 from train.data import make_examples, read_squad, split_passages

@@ -42,6 +42,10 @@ class EngineLimits:
             raise EngineInputError("a group has no members")
         for member in members:
             self.check_member(member)
+        self.check_room(members)
+
+    def check_room(self, members: Sequence[Member]) -> None:
+        """The group's worst case fits the KV pool (its members checked on their own)."""
         needed = worst_case_tokens(members)
         if needed > self.kv_capacity:
             raise EngineInputError(

@@ -36,17 +36,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.head.files import CONFIG_FILE, WEIGHTS_FILE
+from model.head.files import CONFIG_FILE, WEIGHTS_FILE, CheckpointMismatchError
 
 # the layers of cross-sequence attention and its gate (the rest of a head is the adapter)
 CROSS_ATTENTION_LAYERS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "norm_h", "norm_a", "gate_in", "gate_out",
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was made for another base model. Messages call checkpoints "CSA
-    checkpoints", the name the `--csa` option gives them."""
 
 
 @dataclass(frozen=True)
