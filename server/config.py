@@ -50,7 +50,7 @@ class Settings:
     csa: str = CSA_AUTO  # "auto", "off" or a checkpoint directory
     device: str = "auto"
     dtype: str = "auto"
-    weights: str = AUTO_WEIGHTS  # linear layers: auto (per device), as loaded, bf16, int4
+    weights: str = AUTO_WEIGHTS  # linear layers: auto (per device), loaded, bf16, int4
     threads: int | None = None  # torch intra-op threads; None: torch's default
     csa_scope: str = "grouped"  # grouped: only requests that chose grouped QA; all: every one
     max_group_size: int = 8
@@ -66,6 +66,7 @@ class Settings:
     max_connections: int = 1024  # open connections and requests; beyond it: 503
     replica_name: str = field(default_factory=socket.gethostname)
     playground: bool = True  # the browser page at /playground (/ redirects to it)
+    cache: str | None = None  # where built things are kept; None: ~/.cache/groupwise
 
     def __post_init__(self):
         _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
@@ -194,7 +195,8 @@ OPTIONS = (
            "auto, float32, bfloat16 or float16"),
     Option("weights", "--weights", "GROUPWISE_WEIGHTS", str, "a format",
            "linear layers: auto (int4 from the GGUF's own Q4_1 blocks on a CPU, else as "
-           "loaded), fp32 (as loaded), bf16 or int4 (CPU formats)"),
+           "loaded), loaded (as loaded, in --dtype; fp32 is taken for it too), bf16 or int4 "
+           "(CPU formats)"),
     Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads",
            unset="torch's"),
     Option("csa_scope", "--csa-scope", "GROUPWISE_CSA_SCOPE", str, "a scope",
@@ -234,6 +236,9 @@ OPTIONS = (
            "sent in the X-Groupwise-Replica header", unset="the host name"),
     Option("playground", "--playground", "GROUPWISE_PLAYGROUND", _on_off, "on or off",
            "the browser playground at /playground, / redirecting to it: on or off"),
+    Option("cache", "--cache", "GROUPWISE_CACHE", _optional_text, "a directory",
+           "where what is built once is kept: the converted embedded model, the CPU kernels",
+           unset="~/.cache/groupwise"),
 )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.engine.interface import Engine, EngineLimits, open_engine
+from model.engine.interface import Engine, EngineLimits, open_engine, use_cache_dir
 from model.head.files import shipped_checkpoint
 from server.config import CSA_AUTO, Settings
 from server.dispatcher import Dispatcher
@@ -58,6 +58,7 @@ class Services:
         ModelLoadError, CheckpointMismatchError or FileNotFoundError for a model that cannot
         be loaded or a checkpoint that does not fit it."""
         settings = self.settings
+        use_cache_dir(settings.cache)
         if loaded is None:
             log.info("loading the model (%s); until it is loaded /health answers 503",
                      settings.model or "the embedded one")

@@ -10,6 +10,7 @@ import torch
 import model.engine.grouped_engine as grouped_engine
 from model.engine.batch import build_step
 from model.engine.grouped_engine import GroupedEngine
+from model.engine.interface import EngineOptions, open_engine
 from model.engine.request import Member, SamplingParams, Status
 from model.forward.cuda_graphs import DecodeGraphs, bucket_sizes
 from tests.test_engine import make_groups, reference_greedy, run
@@ -103,3 +104,9 @@ def test_a_refused_capture_leaves_decode_steps_eager(tiny, monkeypatch, caplog):
     member = make_groups(tiny, [1], max_tokens=6)[0][0]
     expected = reference_greedy(tiny.model, member.prompt_ids, 6, engine.eos_token_ids)
     assert run(engine, [[member]])[member]["ids"] == expected
+
+
+def test_a_server_on_a_cpu_decodes_without_graphs(tiny_model):
+    """--decode-graph-rows is a GPU's: the padded eager steps above are a check, not a mode."""
+    engine = open_engine(tiny_model, None, EngineOptions(decode_graph_rows=8))
+    assert engine.graphs is None

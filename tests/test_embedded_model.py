@@ -14,7 +14,7 @@ from server.prompts import encode_chat, question_messages
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["auto", "fp32"])
+@pytest.fixture(scope="module", params=["auto", "loaded"])
 def embedded(request):
     """The default format (int4 from the GGUF on a CPU) and the weights as loaded: grouping is
     exactly invariant in both."""

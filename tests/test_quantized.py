@@ -72,7 +72,7 @@ def engine_answers(loaded, groups: list[list[list[int]]], max_tokens: int) -> di
     return out
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int4", "int4 on torch's kernel"])
+@pytest.mark.parametrize("weights", ["loaded", "bf16", "int4", "int4 on torch's kernel"])
 def test_grouped_equals_alone_within_each_weight_format(weights, monkeypatch):
     if weights == "int4 on torch's kernel":  # what a CPU without AVX-512 VNNI runs
         monkeypatch.setattr(block_matmul, "available", lambda: False)
@@ -93,11 +93,11 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
     """transformers dequantizes the GGUF to float32 on load; the int4 layers built from the same
     Q4_1 blocks hold the same weights: exactly with the Q4_1 kernel, up to the bf16 rounding of
     the block scales with torch's."""
-    fp32 = load_model(None, device="cpu", weights="fp32")
+    as_loaded = load_model(None, device="cpu", weights="loaded")
     int4 = load_model(None, device="cpu", weights="int4")
     assert int4.weights == "int4"
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
-        dense = fp32.model.get_decoder().layers[3].get_submodule(name).weight
+        dense = as_loaded.model.get_decoder().layers[3].get_submodule(name).weight
         packed = int4.model.get_decoder().layers[3].get_submodule(name)
         if isinstance(packed, OutputSlice):  # q, k and v share one fused int4 projection
             weights = packed.fused.dequantized()[packed.start : packed.end]
@@ -110,7 +110,7 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
     head = int4.model.get_output_embeddings()
     assert isinstance(head, Q8_0Linear) == block_matmul.available()
     if isinstance(head, Q8_0Linear):  # the GGUF's Q8_0 LM head, tied to the embeddings
-        dense = fp32.model.get_output_embeddings().weight
+        dense = as_loaded.model.get_output_embeddings().weight
         assert torch.allclose(head.dequantized(), dense, rtol=0, atol=1e-6 * dense.abs().amax())
         assert torch.equal(int4.model.get_input_embeddings().weight, dense)
     assert embedded_gguf_path().is_file()
@@ -120,11 +120,12 @@ def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     gguf = embedded_gguf_path()
     assert resolve_weights("auto", cpu, torch.float32, gguf) == "int4"
-    assert resolve_weights("auto", cpu, torch.float32, None) == "fp32"  # a HF model, as loaded
-    assert resolve_weights("auto", cuda, torch.bfloat16, gguf) == "fp32"
-    assert resolve_weights("auto", cpu, torch.bfloat16, gguf) == "fp32"
+    assert resolve_weights("auto", cpu, torch.float32, None) == "loaded"  # a HF model
+    assert resolve_weights("auto", cuda, torch.bfloat16, gguf) == "loaded"
+    assert resolve_weights("auto", cpu, torch.bfloat16, gguf) == "loaded"
+    assert resolve_weights("fp32", cuda, torch.bfloat16, None) == "loaded"  # the alias
     assert resolve_weights("int4", cpu, torch.float32, None) == "int4"  # asked for explicitly
-    with pytest.raises(ModelLoadError, match="auto, fp32, bf16, int4"):
+    with pytest.raises(ModelLoadError, match="auto, loaded, bf16, int4, fp32"):
         resolve_weights("int3", cpu, torch.float32, gguf)
 
 
@@ -140,7 +141,7 @@ def test_auto_keeps_the_weights_of_a_gguf_whose_linears_are_not_q4_1(tmp_path):
     writer.close()
     assert not has_q4_1_linears(path)
     assert has_q4_1_linears(embedded_gguf_path())
-    assert resolve_weights("auto", torch.device("cpu"), torch.float32, path) == "fp32"
+    assert resolve_weights("auto", torch.device("cpu"), torch.float32, path) == "loaded"
 
 
 def test_stacked_linears_compute_what_the_separate_ones_do(device, dtype):

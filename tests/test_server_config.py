@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from model import cache
 from model.head.files import CheckpointMismatchError
 from model.head.group_head import GroupHead, GroupHeadConfig
 from model.weights.loading import weights_signature
@@ -57,7 +58,7 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         ([], {"GROUPWISE_THREADS": "0"}, "--threads (GROUPWISE_THREADS): must be >= 1"),
         (["--kv-cache-mb", "0"], {}, "--kv-cache-mb (GROUPWISE_KV_CACHE_MB): must be > 0"),
         (["--weights", "int3"], {},
-         "--weights (GROUPWISE_WEIGHTS): must be one of auto, fp32, bf16, int4"),
+         "--weights (GROUPWISE_WEIGHTS): must be one of auto, loaded, bf16, int4, fp32"),
         (["--max-prefill-tokens", "0"], {},
          "--max-prefill-tokens (GROUPWISE_MAX_PREFILL_TOKENS): must be >= 1"),
         (["--csa-scope", "some"], {},
@@ -133,3 +134,14 @@ def test_every_flag_shows_its_default_and_its_variable_in_help(capsys):
         assert f"(default: {option.default}; env {option.env})" in shown, option.flag
     assert "(default: 127.0.0.1; env GROUPWISE_HOST)" in shown
     assert "(default: 1024 on cpu, 8192 on cuda, at most 16 full contexts;" in shown
+
+
+def test_the_cache_directory_is_a_setting_passed_inward(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "_directory", cache.cache_dir())  # loading moves it: put it back
+    assert Settings.from_sources([], environ={"GROUPWISE_CACHE": str(tmp_path)}).cache == str(
+        tmp_path)
+    create_app(Settings(model="tiny-random", csa="off", cache=str(tmp_path)),
+               loaded_model=tiny_model)
+    assert cache.cache_dir() == tmp_path
+    create_app(Settings(model="tiny-random", csa="off"), loaded_model=tiny_model)
+    assert cache.cache_dir() == cache.DEFAULT_CACHE_DIR

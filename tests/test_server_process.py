@@ -99,11 +99,11 @@ def test_sigterm_drains_then_exits_cleanly():
 @pytest.mark.slow
 def test_embedded_model_end_to_end():
     """The default model behind a real process: a grouped request and the same questions as
-    chat requests give the same answers (CSA off, greedy, fp32 weights: the format in which
+    chat requests give the same answers (CSA off, greedy, float32 weights: the format in which
     grouping is exactly invariant)."""
     context = json.loads(SELECTION_FILE.read_text())["contexts"][0]
     questions = [q["question"] for q in context["questions"][:2]]
-    with server_process("--csa", "off", "--weights", "fp32", "--threads", "1",
+    with server_process("--csa", "off", "--weights", "loaded", "--threads", "1",
                         startup_s=300) as (process, url):
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import engine_bench
+from model import cache
 from model.forward.decoder import DecoderForward
 from model.head.files import shipped_checkpoint
 from model.head.group_head import (
@@ -167,10 +168,11 @@ def test_read_squad_keeps_passages_and_answers(tmp_path):
 
 
 def test_smoke_training_run_lowers_the_loss(tmp_path, monkeypatch):
-    monkeypatch.setenv("GROUPWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_directory", cache.cache_dir())  # the run moves it: put it back
     squad_file(tmp_path / "train.json", PASSAGES * 4)
     out = tmp_path / "csa"
     metrics = train_main([
+        "--cache", str(tmp_path / "cache"),
         "--model", "tiny-random", "--train", str(tmp_path / "train.json"), "--out", str(out),
         "--heldout", "3", "--max-steps", "20", "--epochs", "20", "--batch-tokens", "64",
         "--lr", "3e-2", "--csa-lr", "3e-2", "--adapter-rank", "4", "--head-mlp", "16",

@@ -4,8 +4,10 @@ it opens one (`open_engine`).
 What crosses it are plain messages: the server hands in groups of `Member`s (each with its
 `SamplingParams`), checked once against the frozen `EngineLimits`; the engine's thread hands back
 `TokenEvent`s (the last one of a member with its `Usage`) and, after each step, its
-`EngineCounters`. The server reads nothing else of the engine. Torch-free: the server's settings
-and messages load before torch does, and `open_engine` imports the model code.
+`EngineCounters`. The server reads nothing else of the engine. Where the engine builds its C
+kernels (and the loader keeps converted models) is set once, with `use_cache_dir`. Torch-free:
+the server's settings and messages load before torch does; `open_engine` imports the model
+code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from model.cache import use_cache_dir
 from model.engine.limits import EngineLimits
 from model.engine.options import (
     DECODE_GRAPH_ROWS,
@@ -42,7 +45,7 @@ __all__ = [
     "AUTO_WEIGHTS", "DECODE_GRAPH_ROWS", "KV_CACHE_MB", "MAX_PREFILL_TOKENS", "POOL_CONTEXTS",
     "SEED_RANGE", "WEIGHT_CHOICES", "Engine", "EngineCounters", "EngineInputError",
     "EngineLimits", "EngineOptions", "Member", "SamplingParams", "TokenEvent", "Usage",
-    "describe_per_device", "open_engine",
+    "describe_per_device", "open_engine", "use_cache_dir",
 ]
 
 log = logging.getLogger("groupwise.model")

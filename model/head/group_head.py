@@ -70,9 +70,6 @@ def read_checkpoint_config(directory: str | Path) -> tuple[GroupHeadConfig, dict
         raise FileNotFoundError(f"no CSA checkpoint at {directory} (missing {CONFIG_FILE})")
     fields = json.loads(path.read_text())
     meta = fields.pop("meta", {})
-    # checkpoints written before signatures hold an exact hash of the fp32 weights instead,
-    # which no other dtype could match: such a checkpoint is checked by its hidden size alone
-    fields.pop("base_fingerprint", None)
     fields["base_signature"] = tuple(fields.get("base_signature", ()))
     return GroupHeadConfig(**fields), meta
 

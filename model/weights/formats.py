@@ -1,5 +1,6 @@
-"""Weight formats for the CPU: the loaded model's linear layers in bf16, or in int4 built from a
-GGUF's own Q4_1 blocks.
+"""Weight formats: the loaded model's linear layers as loaded, with q / k / v and gate / up
+stacked into one matmul each on a GPU; or, on a CPU, in bf16, or in int4 built from a GGUF's own
+Q4_1 blocks.
 
 The CPU decode step is bound by reading weights, so smaller weights make it faster. int4 keeps
 the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file, and
