@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # torch-free modules: the flags are checked before torch is imported
 from model.engine.interface import (
@@ -133,7 +133,7 @@ class Settings:
         """Flags in `argv` win over variables in `environ`, which win over the defaults."""
         environ = os.environ if environ is None else environ
         given = vars(build_parser().parse_args(argv))
-        values = {}
+        values: dict[str, Any] = {}
         for option in OPTIONS:
             raw = given.get(option.field)
             if raw is None:

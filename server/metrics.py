@@ -100,20 +100,22 @@ class ServerMetrics:
             self.queue_time.observe(started_at - question.arrived_at)
 
     def observe_first_token(self, question: Question) -> None:
+        assert question.first_token_at is not None, "observed once it is stamped"
         self.time_to_first_token.observe(question.first_token_at - question.arrived_at)
 
     def observe_finished(self, question: Question) -> None:
         self.request_success.labels(finish_reason=question.finish_reason).inc()
-        usage = question.usage
+        usage, finished_at = question.usage, question.finished_at
+        assert finished_at is not None, "observed once it is stamped"
         if question.scheduled_at is None or usage is None:  # never ran: nothing was computed
             return
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.prompt_tokens_computed.inc(usage.computed_prompt_tokens)
         self.generation_tokens.inc(usage.completion_tokens)
         if question.finish_reason in ("stop", "length"):
-            self.e2e_latency.observe(question.finished_at - question.arrived_at)
+            self.e2e_latency.observe(finished_at - question.arrived_at)
             if usage.completion_tokens > 1 and question.first_token_at is not None:
-                decode_time = question.finished_at - question.first_token_at
+                decode_time = finished_at - question.first_token_at
                 self.time_per_output_token.observe(decode_time / (usage.completion_tokens - 1))
 
     def count_http(self, route: str, status: int) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 
+from starlette.types import Message, Receive, Scope, Send
+
 from server.errors import error_body
 from server.metrics import ServerMetrics
 
@@ -20,13 +22,13 @@ class ServingMiddleware:
         self.metrics = metrics
         self.replica = replica_name.encode("latin-1", "replace")
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status: int | None = None
 
-        async def send_with_header(message):
+        async def send_with_header(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+
+from starlette.types import Receive
 
 from server.dispatcher import Dispatcher
 from server.errors import APIError, ClientDisconnected
@@ -19,7 +20,7 @@ class DisconnectWatcher:
     """Waits for the ASGI `http.disconnect` message in the background. The request body has
     already been read, so the next message the server sends is the disconnect."""
 
-    def __init__(self, receive: Callable[[], Awaitable[dict]]):
+    def __init__(self, receive: Receive):
         self.task = asyncio.create_task(self._watch(receive))
 
     @staticmethod

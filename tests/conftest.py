@@ -43,6 +43,12 @@ from model.weights.loading import LoadedModel, load_model
 from model.weights.tiny import TinyModel, build_tiny_model
 from server.prompts import encode_chat
 
+# The tiny model's operations are too small to gain from a second thread, and on a CPU shared
+# with other work torch's threads wait on each other: one thread makes this suite several times
+# faster on the 2-core development machine. (Servers and benches the tests start as processes
+# keep torch's default.)
+torch.set_num_threads(1)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default=os.environ.get("GROUPWISE_TEST_DEVICE", "cpu"),

@@ -8,14 +8,14 @@ import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from model.engine.prefix_cache import Job, Node
+from model.engine.prefix_cache import Node
 from model.engine.request import Member, Status
 
 _group_serials = itertools.count()
 
 
 @dataclass(eq=False)
-class PrefillJob(Job):
+class PrefillJob:
     """Computes the KV of `tokens` into the slots from `start`, in chunks; the tokens continue
     a sequence whose earlier tokens' KV sits in the `context` extents."""
 
@@ -28,7 +28,7 @@ class PrefillJob(Job):
     num_done: int = 0
 
     @property
-    def is_done(self) -> bool:  # the Job flag the prefix cache reads
+    def is_done(self) -> bool:  # what the prefix cache asks of a pending node's `Job`
         return self.num_done >= len(self.tokens)
 
     @property

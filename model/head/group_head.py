@@ -180,7 +180,7 @@ class GroupHead(nn.Module):
 
     def head_delta(self, h: torch.Tensor) -> torch.Tensor | None:
         """Low-rank logits correction [B, vocab], or None without an adapter."""
-        if self.adapter_down is None:
+        if self.adapter_down is None or self.adapter_up is None:
             return None
         return self.adapter_up(self.adapter_down(h))
 
