@@ -23,7 +23,7 @@ from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.gate import RequestGate
 from server.grouping import GroupingPolicy
-from server.middleware import ServingMiddleware
+from server.middleware import HeadAsGet, ServingMiddleware
 from server.playground import playground
 from server.services import Services
 from server.worker import EngineWorker
@@ -61,6 +61,7 @@ def create_app(settings: Settings, loaded_model: LoadedModel | None = None) -> F
                        max_request_bytes=settings.max_request_bytes)
     app.add_middleware(ServingMiddleware, metrics=services.metrics,
                        replica_name=settings.replica_name)
+    app.add_middleware(HeadAsGet)  # outermost: every layer inside sees the GET
     return app
 
 

@@ -45,6 +45,9 @@ def test_invalid_json_is_400(server, path):
     as_text = {"content-type": "text/plain"}
     assert_error(post(server, path, content=b'{"messages": []}', headers=as_text), 400, None,
                  says="Content-Type: application/json")
+    untyped = httpx.post(server.v1 + path, content=b'{"messages": []}')  # no Content-Type
+    assert "content-type" not in untyped.request.headers
+    assert_error(untyped, 400, None, says="Content-Type: application/json")
 
 
 @pytest.mark.parametrize(
