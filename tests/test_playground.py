@@ -11,7 +11,7 @@ import pytest
 
 from server.config import Settings, SettingsError
 from server.playground import STATIC
-from server.prompts import question_messages
+from server.prompts import ANSWER_PATTERN, question_messages
 
 ASSET_TYPES = {"/playground": "text/html", "/playground/playground.js": "text/javascript",
                "/playground/playground.css": "text/css"}
@@ -63,7 +63,8 @@ def test_only_the_pages_own_files_are_served(start_server):
 def test_config_gives_the_model_the_key_requirement_and_the_grouped_prompt(start_server):
     config = get(start_server(), "/playground/config.json").json()
     assert config == {"model": "tiny-random", "api_key_required": False,
-                      "chat_messages": question_messages("{context}", "{question}")}
+                      "chat_messages": question_messages("{context}", "{question}"),
+                      "answer_pattern": ANSWER_PATTERN.pattern}
     keyed = start_server(api_key="sesame")
     assert get(keyed, "/playground/config.json").json()["api_key_required"] is True
     # the page is public; only what it sends to /v1 needs the key
