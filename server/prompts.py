@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 
 ANSWER_SYSTEM_PROMPT = (
@@ -71,10 +72,13 @@ class PromptEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.max_token_chars = longest_token_chars(tokenizer)
-        self.splits_after_question = all(
-            (spliced := self._spliced(context, [question], None)) is not None
-            and spliced.prompts == [encode_chat(tokenizer, question_messages(context, question))]
-            for context, question in _PROBES)
+        if tokenizer not in _SPLITS_AFTER_QUESTION:  # a tokenizer is checked once
+            _SPLITS_AFTER_QUESTION[tokenizer] = all(
+                (spliced := self._spliced(context, [question], None)) is not None
+                and spliced.prompts == [encode_chat(tokenizer,
+                                                    question_messages(context, question))]
+                for context, question in _PROBES)
+        self.splits_after_question = _SPLITS_AFTER_QUESTION[tokenizer]
 
     def chat(self, messages: list[dict]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
@@ -108,6 +112,7 @@ class PromptEncoder:
 
 
 _TOKENIZER_LOCK = threading.Lock()
+_SPLITS_AFTER_QUESTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PLACEHOLDER = re.compile("\x00(\\d+)\x00")
 # passages ending, and questions starting, in each kind of character
 _PROBES = [(context, question)

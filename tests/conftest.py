@@ -146,6 +146,17 @@ TEST_SETTINGS = {"model": "tiny-random", "csa": "off", "max_wait_ms": 5.0,
                  "replica_name": "test-replica"}
 
 
+@pytest.fixture(scope="module")
+def shared_server(tiny_model) -> Iterator[LiveServer]:
+    """One server with the test settings for a whole module, whose tests each send requests
+    that stand alone (refusals): a server costs a few tenths of a second to start and stop."""
+    from server.app import create_app
+    from server.config import Settings
+
+    with live_server(create_app(Settings(**TEST_SETTINGS), loaded_model=tiny_model)) as server:
+        yield server
+
+
 @pytest.fixture
 def start_server(serve, tiny_model) -> Callable[..., LiveServer]:
     """`start_server(**settings)`: the real app on the tiny model, served on a free port."""

@@ -109,6 +109,7 @@ def test_the_commands_are_found_in_blocks_inline_and_in_make_args():
         next(c for c in compare if c.startswith("(cd ../before")))
 
 
+@pytest.mark.slow  # each command's --help imports torch
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_python_command_names_what_exists_with_flags_it_takes(page):
     for target, flags in invocations(page):

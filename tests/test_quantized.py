@@ -116,6 +116,7 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
     assert embedded_gguf_path().is_file()
 
 
+@pytest.mark.slow
 def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     gguf = embedded_gguf_path()
@@ -129,6 +130,7 @@ def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu(tmp_path):
         resolve_weights("int3", cpu, torch.float32, gguf)
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_weights_of_a_gguf_whose_linears_are_not_q4_1(tmp_path):
     from gguf import GGUFWriter
 

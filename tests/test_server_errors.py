@@ -30,8 +30,8 @@ def assert_error(response, status: int, param=None, code=None, says=""):
 
 
 @pytest.fixture
-def server(start_server):
-    return start_server()
+def server(shared_server):
+    return shared_server
 
 
 # --- 400 -------------------------------------------------------------------------------------

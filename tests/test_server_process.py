@@ -67,6 +67,7 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not exposed")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_cleanly():
     env = {"GROUPWISE_MAX_GROUP_SIZE": "2", "GROUPWISE_MAX_WAIT_MS": "60000",
            "GROUPWISE_REPLICA_NAME": "replica-from-env"}
@@ -124,6 +125,7 @@ def test_embedded_model_end_to_end():
 
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_ends_in_flight_requests_with_an_error_and_exits():
     with server_process("--model", "tiny-random", "--threads", "1") as (process, url):
         payload = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 4000,
