@@ -59,7 +59,8 @@ class GroupedEngine:
                  kv_cache_mb: float | None = None, max_prefill_tokens: int | None = None,
                  decode_graph_rows: int | None = None):
         """None: the device's default (`model.engine.options`). `decode_graph_rows` 0 turns
-        the decode graphs off; on a CPU a positive value runs their padded steps eagerly."""
+        the decode graphs off; on a CPU a positive value runs their padded steps eagerly (a
+        check of the padding: a server on a CPU passes 0, see `open_engine`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.csa = csa.to(model.device, model.dtype) if csa is not None else None
