@@ -4,10 +4,11 @@ it opens one (`open_engine`).
 What crosses it are plain messages: the server hands in groups of `Member`s (each with its
 `SamplingParams`), checked once against the frozen `EngineLimits`; the engine's thread hands back
 `TokenEvent`s (the last one of a member with its `Usage`) and, after each step, its
-`EngineCounters`. The server reads nothing else of the engine. Where the engine builds its C
-kernels (and the loader keeps converted models) is set once, with `use_cache_dir`. Torch-free:
-the server's settings and messages load before torch does; `open_engine` imports the model
-code.
+`EngineCounters`. The server reads nothing else of the engine. Its settings come in as frozen
+`EngineOptions`, with the names and per-device defaults the server's flags show (the weight
+formats among them); where the engine builds its C kernels (and the loader keeps converted
+models) is set once, with `use_cache_dir`. Torch-free: the server's settings and messages load
+before torch does; `open_engine` imports the model code.
 """
 
 from __future__ import annotations
