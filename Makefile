@@ -1,4 +1,4 @@
-# The two commands a fresh machine needs: `make serve` and `make test`.
+# The two commands a fresh machine needs: `make serve` and `make test` (`make check` while working).
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU build on CPU machines; pip would otherwise pull a multi-GB CUDA build of torch.
@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: serve test lint bench test-deps gpu-check gpu-wheels
+.PHONY: serve check test lint types bench test-deps gpu-check gpu-wheels
 
 $(INSTALLED): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,12 +23,21 @@ serve: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
+# mypy on model/ and server/ ([tool.mypy] in pyproject.toml)
+types: $(INSTALLED)
+	$(VENV)/bin/mypy
+
 # nginx and docker-compose for the deployment tests: installed with apt-get when missing and
 # run as root; otherwise the script stops and prints the command to install them.
 test-deps:
 	sh deploy/install-test-deps.sh
 
-test: lint test-deps
+# The inner loop: lint, types and the tests not marked slow, in about a minute on a 2-core
+# machine. `make test` is all of it, the slow end-to-end tests included (what CI runs).
+check: lint types
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test: lint types test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(INSTALLED)

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from bench.squad import Group, load_selection, make_groups, score_answer
-from model.engine.grouped_engine import GroupedEngine, Member
-from model.engine.sampling import SamplingParams
+from model.cache import use_cache_dir
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.interface import Member, SamplingParams
+from model.head.files import shipped_checkpoint
 from model.head.group_head import GroupHead, GroupHeadConfig
-from model.head.shipped import shipped_checkpoint
-from model.prompts import encode_chat, question_messages
 from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import LoadedModel, load_model, weights_signature
+from server.prompts import encode_chat, question_messages
 
 COLUMNS = [
     ("G", "group_size", "{}"),
@@ -155,12 +157,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="auto",
                         help="auto, float32, bfloat16 or float16 (as the server's --dtype)")
     parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
-                        help="auto (the server's default), fp32, bf16 or int4")
+                        help="auto (the server's default), loaded, bf16 or int4")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--cache", default=os.environ.get("GROUPWISE_CACHE"),
+                        help="where what is built once is kept: converted models, the CPU "
+                        "kernels (default: GROUPWISE_CACHE, else ~/.cache/groupwise)")
     args = parser.parse_args(argv)
 
+    use_cache_dir(args.cache)
     loaded = load_model(args.model, args.device, args.dtype, args.threads, args.weights)
     csa, csa_label = build_csa(args.csa, loaded)
     engine = GroupedEngine(loaded.model, loaded.tokenizer, csa)

@@ -52,7 +52,7 @@ from bench.squad_http import (
     _sse_chunks,
     fetch_model_id,
 )
-from model.prompts import question_messages
+from server.prompts import question_messages
 
 SCENARIOS = ("burst", "trickle", "mixed", "rate")
 LONG_SYSTEM_PROMPT = "You are a helpful assistant."

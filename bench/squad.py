@@ -1,6 +1,6 @@
 """SQuAD v1.1 for the grouping experiment: the question selection, grouping and the scores.
 
-Standard library only (with `model.prompts`, which is too), so `bench/run_squad.py` runs
+Standard library only (with `server.prompts`, which is too), so `bench/run_squad.py` runs
 against any server without torch. The selection follows the research protocol: dev-set contexts
 with at least five questions, shuffled with `random.Random(seed)`, the first `num_contexts`, the
 first five questions of each in file order. The selection ships inside the package
@@ -20,7 +20,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.prompts import extract_answer
+from server.prompts import extract_answer
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "squad"
 SELECTION_FILE = DATA_DIR / "dev-selection.json"

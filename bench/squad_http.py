@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from bench.squad import Question
-from model.prompts import ANSWER_SYSTEM_PROMPT, question_messages
+from server.prompts import ANSWER_SYSTEM_PROMPT, question_messages
 
 
 class ServerError(RuntimeError):

@@ -31,7 +31,6 @@ from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.request import Status
 from model.engine.sampling import SamplingParams
 from model.native import cpu_name
-from model.prompts import encode_chat, question_messages
 from model.weights.choices import WEIGHT_CHOICES
 from model.weights.loading import (
     LoadedModel,
@@ -41,6 +40,7 @@ from model.weights.loading import (
     resolve_dtype,
 )
 from model.weights.shapes import SHAPES, build_random_model
+from server.prompts import encode_chat, question_messages
 
 
 def prompts(tokenizer, count: int) -> list[list[int]]:

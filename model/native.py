@@ -21,7 +21,9 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from model.cache import cache_dir
 
@@ -119,7 +121,7 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build_library(source: Path, signatures: dict[str, tuple[list, object]], without: str,
+def build_library(source: Path, signatures: Mapping[str, tuple[Sequence[Any], Any]], without: str,
                   isa: str) -> ctypes.CDLL | None:
     """`source` (with the headers beside it) built for `isa` (or found in the cache) and loaded,
     its functions typed by `signatures` (name -> (argument types, return type)); None where no C

@@ -17,11 +17,15 @@ import logging
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from server.config import Settings, SettingsError
 from server.connections import uvicorn_config
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("groupwise.server")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -31,9 +35,9 @@ class DrainingServer(uvicorn.Server):
     """uvicorn stops listening at the first signal; here the port stays open and answers 503
     until the in-flight requests are done (a proxy sees the 503s and retries elsewhere)."""
 
-    def __init__(self, config: uvicorn.Config):
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
-        self.app = config.app
+        self.app = app
 
     def handle_exit(self, sig: int, frame) -> None:
         from server.app import begin_drain, end_in_flight
@@ -96,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                             max_connections=settings.max_connections, log_level="info",
                             timeout_graceful_shutdown=30)
     with sock:
-        DrainingServer(config).run(sockets=[sock])
+        DrainingServer(config, app).run(sockets=[sock])
     error = app.state.services.load_error
     if error is None:
         return 0
-    from model.head.group_head import CheckpointMismatchError
+    from model.head.files import CheckpointMismatchError
     from model.weights.loading import ModelLoadError
 
     if not isinstance(error, ModelLoadError | CheckpointMismatchError | FileNotFoundError):

@@ -11,12 +11,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.chat import create_chat_completion, encode_prompt
+from server.chat import create_chat_completion
+from server.dispatcher import Dispatcher
 from server.errors import APIError
 from server.grouped import create_grouped_completion
+from server.intake import chat_prompt
 from server.metrics import CONTENT_TYPE
 from server.schemas import ChatCompletionRequest, GroupedCompletionRequest
-from server.services import Services
+from server.services import ServedModel, Services
 
 
 async def get_services(request: Request) -> Services:
@@ -29,57 +31,62 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 STARTING = "the server is starting: the model is loading; retry shortly"
 
 
-async def require_model(services: ServicesDep) -> None:
+async def require_model(services: ServicesDep) -> ServedModel:
     if services.load_error is not None:
         raise APIError(503, "the model could not be loaded (the server's log says why)",
                        code="load_failed")
-    if not services.is_loaded:
+    if services.model is None:
         raise APIError(503, STARTING, code="starting")
+    return services.model
 
 
-async def require_serving(services: ServicesDep) -> None:
+async def require_serving(services: ServicesDep) -> Dispatcher:
     if services.is_draining:
         raise APIError(503, "the server is shutting down; retry on another replica",
                        code="draining")
-    if not services.is_ready:
+    if services.dispatcher is None or not services.is_ready:
         raise APIError(503, STARTING, code="starting")
+    return services.dispatcher
 
+
+ModelDep = Annotated[ServedModel, Depends(require_model)]
+DispatcherDep = Annotated[Dispatcher, Depends(require_serving)]
 
 # the API key is checked before the body is read (server/gate.py)
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_model)])
-serving = [Depends(require_serving)]
 plain = APIRouter()
 
 
 @v1.get("/models")
-async def list_models(services: ServicesDep) -> dict:
-    return {"object": "list", "data": [_model_card(services)]}
+async def list_models(model: ModelDep, services: ServicesDep) -> dict:
+    return {"object": "list", "data": [_model_card(model, services)]}
 
 
 @v1.get("/models/{model_id:path}")
-async def retrieve_model(model_id: str, services: ServicesDep) -> dict:
-    services.check_model(model_id)
-    return _model_card(services)
+async def retrieve_model(model_id: str, model: ModelDep, services: ServicesDep) -> dict:
+    model.check_name(model_id)
+    return _model_card(model, services)
 
 
-@v1.post("/chat/completions", dependencies=serving)
-async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep):
-    return await create_chat_completion(body, request, services)
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, model: ModelDep,
+                           dispatcher: DispatcherDep):
+    return await create_chat_completion(body, request, model, dispatcher)
 
 
-@v1.post("/chat/completions/render", dependencies=serving)
-async def render_chat_prompt(body: ChatCompletionRequest, services: ServicesDep) -> dict:
+@v1.post("/chat/completions/render", dependencies=[Depends(require_serving)])
+async def render_chat_prompt(body: ChatCompletionRequest, model: ModelDep) -> dict:
     """The prompt's token ids, nothing run (as vLLM's route of this name): what a cache-aware
     router matches against the prompts each replica has seen (docs/deployment.md)."""
-    services.check_model(body.model)
-    return {"token_ids": await encode_prompt(body, services)}
+    model.check_name(body.model)
+    return {"token_ids": await chat_prompt(body, model)}
 
 
-@v1.post("/grouped_completions", dependencies=serving)
-async def grouped_completions(
-    body: GroupedCompletionRequest, request: Request, services: ServicesDep
-):
-    return await create_grouped_completion(body, request, services)
+@v1.post("/grouped_completions")
+async def grouped_completions(body: GroupedCompletionRequest, request: Request,
+                              model: ModelDep, dispatcher: DispatcherDep, services: ServicesDep):
+    return await create_grouped_completion(body, request, model, dispatcher,
+                                           services.settings.max_group_size)
 
 
 @plain.get("/health")
@@ -93,6 +100,6 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _model_card(services: Services) -> dict:
-    return {"id": services.model_name, "object": "model", "created": services.created,
-            "owned_by": "groupwise", "max_model_len": services.loaded.max_context}
+def _model_card(model: ServedModel, services: Services) -> dict:
+    return {"id": model.name, "object": "model", "created": services.created,
+            "owned_by": "groupwise", "max_model_len": model.limits.max_context}

@@ -13,31 +13,14 @@ import uuid
 
 from fastapi import Request
 
-from model.engine.grouped_engine import Member, TokenEvent
-from model.engine.sampling import SamplingParams
+from model.engine.interface import TokenEvent
+from server.dispatcher import Dispatcher
+from server.intake import chat_member
 from server.question import Question
 from server.responses import respond
 from server.schemas import ChatCompletionRequest
-from server.services import Services
+from server.services import ServedModel
 from server.usage import usage_body
-
-DEFAULT_MAX_TOKENS = 256  # when the request sets neither max_tokens nor max_completion_tokens
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
-
-
-def sampling_params(body: ChatCompletionRequest, prompt_length: int, max_context: int):
-    max_tokens = body.requested_max_tokens
-    if max_tokens is None:  # a default must not push a fitting prompt past the context
-        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, max_context - prompt_length))
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        ignore_eos=bool(body.ignore_eos),
-        seed=body.seed,
-        stop=tuple(body.stop),
-    )
 
 
 class ChatReply:
@@ -71,14 +54,19 @@ class ChatReply:
         if not self.include_usage:
             return []
         return [{**self._base("chat.completion.chunk"), "choices": [],
-                 "usage": usage_body([self.final.usage])}]
+                 "usage": usage_body([self._last.usage])}]
 
     def completion(self) -> dict:
         message = {"role": "assistant", "content": "".join(self.parts)}
         choice = {"index": 0, "message": message, "logprobs": None,
-                  "finish_reason": self.final.finish_reason}
+                  "finish_reason": self._last.finish_reason}
         return {**self._base("chat.completion"), "choices": [choice],
-                "usage": usage_body([self.final.usage])}
+                "usage": usage_body([self._last.usage])}
+
+    @property
+    def _last(self) -> TokenEvent:
+        assert self.final is not None, "read before the last event"
+        return self.final
 
     def _base(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -91,34 +79,14 @@ class ChatReply:
         return body
 
 
-async def create_chat_completion(
-    body: ChatCompletionRequest, http_request: Request, services: Services
-):
-    services.check_model(body.model)
-    question = await _enqueue(body, http_request.headers.get("x-group-id"),
-                              http_request.state.tenant, services)
-    reply = ChatReply(services.model_name, body.includes_usage_chunk, question)
-    return await respond(reply, question.events, body.stream, http_request, services.scheduler)
-
-
-async def _enqueue(body: ChatCompletionRequest, header_hint: str | None, tenant: int,
-                   services: Services) -> Question:
-    """Tokenizes, validates (EngineInputError -> 400) and queues (QueueFullError -> 429).
-    The tenant and the cache salt scope both the prefix cache and the group hint."""
-    prompt_ids = await encode_prompt(body, services)
-    # a default max_tokens must fit both the context and the whole KV cache
-    room = min(services.engine.max_context, services.engine.pool.capacity)
-    params = sampling_params(body, len(prompt_ids), room)
-    namespace = (tenant, body.cache_salt)
-    member = Member(prompt_ids, params, namespace=namespace)
-    services.engine.check_group([member])
-    question = Question(member, asyncio.Queue())
-    hint = body.group_id or header_hint
-    services.scheduler.submit(question, (namespace, hint) if hint else None)
-    return question
-
-
-async def encode_prompt(body: ChatCompletionRequest, services: Services) -> list[int]:
-    """The token ids of the request's prompt: its messages in the model's chat template."""
-    messages = [message.as_template_message() for message in body.messages]
-    return await services.encode(messages, "messages")
+async def create_chat_completion(body: ChatCompletionRequest, http_request: Request,
+                                 model: ServedModel, dispatcher: Dispatcher):
+    """Checks and queues the request (EngineInputError -> 400, QueueFullError -> 429), then
+    answers it. The tenant and the cache salt scope both the prefix cache and the group hint."""
+    model.check_name(body.model)
+    namespace = (http_request.state.tenant, body.cache_salt)
+    question = Question(await chat_member(body, namespace, model), asyncio.Queue())
+    hint = body.group_id or http_request.headers.get("x-group-id")
+    dispatcher.submit(question, (namespace, hint) if hint else None)
+    reply = ChatReply(model.name, body.includes_usage_chunk, question)
+    return await respond(reply, question.events, bool(body.stream), http_request, dispatcher)

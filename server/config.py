@@ -1,9 +1,11 @@
 """Server settings, read once at start-up: CLI flag, else environment variable, else default.
 
-Every setting has one row in OPTIONS (flag, environment variable, parser, help). `Settings` is
-frozen and validated on construction, so the rest of the server never re-reads the environment.
-A bad value is named by its flag and variable. Nothing here imports torch: `--help` and a
-mistyped flag answer at once, before the seconds the model code takes to import.
+Every setting has one row in OPTIONS (flag, environment variable, parser, help); `--help` shows
+each one's default and variable. `Settings` is frozen and validated on construction, so the rest
+of the server never re-reads the environment; what the engine takes goes inward as frozen
+`EngineOptions`. A bad value is named by its flag and its variable, with the values it may
+take. Nothing here imports torch: `--help` and a mistyped flag answer at once, before the
+seconds the model code takes to import.
 """
 
 from __future__ import annotations
@@ -12,13 +14,22 @@ import argparse
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # torch-free modules: the flags are checked before torch is imported
+from model.engine.interface import (
+    AUTO_WEIGHTS,
+    DECODE_GRAPH_ROWS,
+    KV_CACHE_MB,
+    MAX_PREFILL_TOKENS,
+    POOL_CONTEXTS,
+    WEIGHT_CHOICES,
+    EngineOptions,
+    describe_per_device,
+)
 from model.head.files import CONFIG_FILE
-from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,7 +50,7 @@ class Settings:
     csa: str = CSA_AUTO  # "auto", "off" or a checkpoint directory
     device: str = "auto"
     dtype: str = "auto"
-    weights: str = AUTO_WEIGHTS  # linear layers: auto (per device), fp32 (as loaded), bf16, int4
+    weights: str = AUTO_WEIGHTS  # linear layers: auto (per device), loaded, bf16, int4
     threads: int | None = None  # torch intra-op threads; None: torch's default
     csa_scope: str = "grouped"  # grouped: only requests that chose grouped QA; all: every one
     max_group_size: int = 8
@@ -55,6 +66,7 @@ class Settings:
     max_connections: int = 1024  # open connections and requests; beyond it: 503
     replica_name: str = field(default_factory=socket.gethostname)
     playground: bool = True  # the browser page at /playground (/ redirects to it)
+    cache: str | None = None  # where built things are kept; None: ~/.cache/groupwise
 
     def __post_init__(self):
         _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
@@ -89,7 +101,8 @@ class Settings:
         if not self.is_csa_off and self.csa.lower() != CSA_AUTO:
             checkpoint = Path(self.csa).expanduser()
             _require((checkpoint / CONFIG_FILE).is_file(), "csa",
-                     f"no CSA checkpoint at {checkpoint} (missing {CONFIG_FILE})")
+                     f"must be auto, off or a CSA checkpoint directory; {checkpoint} holds no "
+                     f"CSA checkpoint (no {CONFIG_FILE})")
         if self.model and self.model.endswith(".gguf"):
             _require(Path(self.model).expanduser().is_file(), "model",
                      f"GGUF file not found: {self.model}")
@@ -109,6 +122,10 @@ class Settings:
     def is_csa_off(self) -> bool:
         return self.csa.lower() in CSA_OFF
 
+    @property
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(self.kv_cache_mb, self.max_prefill_tokens, self.decode_graph_rows)
+
     @classmethod
     def from_sources(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
@@ -116,17 +133,18 @@ class Settings:
         """Flags in `argv` win over variables in `environ`, which win over the defaults."""
         environ = os.environ if environ is None else environ
         given = vars(build_parser().parse_args(argv))
-        values = {}
+        values: dict[str, Any] = {}
         for option in OPTIONS:
-            raw, source = given.get(option.field), option.flag
-            if raw is None and option.env in environ:
-                raw, source = environ[option.env], option.env
+            raw = given.get(option.field)
+            if raw is None:
+                raw = environ.get(option.env)
             if raw is None:
                 continue
             try:
                 values[option.field] = option.parse(raw)
             except ValueError:
-                raise SettingsError(f"{source}: cannot read {raw!r} as {option.kind}") from None
+                raise SettingsError(f"{source_name(option.field)}: cannot read {raw!r} as "
+                                    f"{option.kind}") from None
         return cls(**values)
 
     def describe(self) -> dict:
@@ -141,8 +159,17 @@ class Option(NamedTuple):
     flag: str
     env: str
     parse: Callable[[str], object]
-    kind: str
+    kind: str  # what a value must be, for messages: "an integer", "auto, cpu or cuda"
     help: str
+    unset: str = ""  # what the default means when it is not a value (None, or computed)
+
+    @property
+    def default(self) -> str:
+        if self.unset:
+            return self.unset
+        value = Settings.__dataclass_fields__[self.field].default
+        assert value is not MISSING and value is not None, f"{self.field}: say what unset means"
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _optional_text(raw: str) -> str | None:
@@ -159,16 +186,19 @@ OPTIONS = (
     Option("host", "--host", "GROUPWISE_HOST", str, "a host", "address to bind"),
     Option("port", "--port", "GROUPWISE_PORT", int, "an integer", "port to bind"),
     Option("model", "--model", "GROUPWISE_MODEL", _optional_text, "a model",
-           "embedded (default), tiny-random, a .gguf path, a HF id or a local directory"),
-    Option("csa", "--csa", "GROUPWISE_CSA", str, "a path",
-           "CSA checkpoint directory, 'off', or 'auto' (the shipped checkpoint, if any)"),
+           "embedded, tiny-random, a .gguf path, a HF id or a local directory",
+           unset="embedded (SmolLM2-135M-Instruct)"),
+    Option("csa", "--csa", "GROUPWISE_CSA", str, "auto, off or a checkpoint directory",
+           "CSA checkpoint directory, off, or auto (the shipped checkpoint, if any)"),
     Option("device", "--device", "GROUPWISE_DEVICE", str, "a device", "auto, cpu or cuda"),
     Option("dtype", "--dtype", "GROUPWISE_DTYPE", str, "a dtype",
            "auto, float32, bfloat16 or float16"),
     Option("weights", "--weights", "GROUPWISE_WEIGHTS", str, "a format",
            "linear layers: auto (int4 from the GGUF's own Q4_1 blocks on a CPU, else as "
-           "loaded), fp32 (as loaded), bf16 or int4 (CPU formats)"),
-    Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads"),
+           "loaded), loaded (as loaded, in --dtype; fp32 is taken for it too), bf16 or int4 "
+           "(CPU formats)"),
+    Option("threads", "--threads", "GROUPWISE_THREADS", int, "an integer", "torch CPU threads",
+           unset="torch's"),
     Option("csa_scope", "--csa-scope", "GROUPWISE_CSA_SCOPE", str, "a scope",
            "grouped: CSA and the trained head serve only grouped requests and chat requests "
            "with a group hint; all: every request"),
@@ -179,30 +209,36 @@ OPTIONS = (
     Option("max_queue", "--max-queue", "GROUPWISE_MAX_QUEUE", int, "an integer",
            "most questions waiting; beyond it requests get 429"),
     Option("kv_cache_mb", "--kv-cache-mb", "GROUPWISE_KV_CACHE_MB", float, "a number",
-           "size of the KV cache pool in MiB, allocated at start-up (default: 1024 on CPU, "
-           "8192 on CUDA, at most 16 full contexts)"),
+           "size of the KV cache pool in MiB, allocated at start-up",
+           unset=f"{describe_per_device(KV_CACHE_MB)}, at most {POOL_CONTEXTS} full contexts"),
     Option("max_prefill_tokens", "--max-prefill-tokens", "GROUPWISE_MAX_PREFILL_TOKENS", int,
            "an integer", "most prompt tokens computed in one engine step: longer prompts are "
-           "chunked so running requests keep decoding (default: 512 on CPU, 8192 on CUDA)"),
+           "chunked so running requests keep decoding",
+           unset=describe_per_device(MAX_PREFILL_TOKENS)),
     Option("decode_graph_rows", "--decode-graph-rows", "GROUPWISE_DECODE_GRAPH_ROWS", int,
            "an integer", "on CUDA, decode steps of up to this many rows replay CUDA graphs "
-           "captured at start-up (default 128; 0: off)"),
+           "captured at start-up (0: off); a CPU decodes without them",
+           unset=str(DECODE_GRAPH_ROWS["cuda"])),
     Option("api_key", "--api-key", "GROUPWISE_API_KEY", _optional_text, "a key",
            "if set, every /v1 route needs 'Authorization: Bearer KEY'; a comma-separated list "
-           "gives one tenant per key (tenants never share groups or cached prefixes)"),
+           "gives one tenant per key (tenants never share groups or cached prefixes)",
+           unset="none"),
     Option("max_request_bytes", "--max-request-bytes", "GROUPWISE_MAX_REQUEST_BYTES", int,
            "an integer", "largest request body in bytes; larger ones get 413 before they are "
-           "read (default 2 MiB)"),
+           "read"),
     Option("header_timeout_s", "--header-timeout-s", "GROUPWISE_HEADER_TIMEOUT_S", float,
-           "a number", "seconds a connection has to send a request's headers (default 10)"),
+           "a number", "seconds a connection has to send a request's headers"),
     Option("body_timeout_s", "--body-timeout-s", "GROUPWISE_BODY_TIMEOUT_S", float,
-           "a number", "seconds a request has to send its body (default 30)"),
+           "a number", "seconds a request has to send its body"),
     Option("max_connections", "--max-connections", "GROUPWISE_MAX_CONNECTIONS", int,
-           "an integer", "most open connections and requests; beyond it: 503 (default 1024)"),
+           "an integer", "most open connections and requests; beyond it: 503"),
     Option("replica_name", "--replica-name", "GROUPWISE_REPLICA_NAME", str, "a name",
-           "sent in the X-Groupwise-Replica header (default: the host name)"),
+           "sent in the X-Groupwise-Replica header", unset="the host name"),
     Option("playground", "--playground", "GROUPWISE_PLAYGROUND", _on_off, "on or off",
-           "the browser playground at /playground, / redirecting to it: on (default) or off"),
+           "the browser playground at /playground, / redirecting to it: on or off"),
+    Option("cache", "--cache", "GROUPWISE_CACHE", _optional_text, "a directory",
+           "where what is built once is kept: the converted embedded model, the CPU kernels",
+           unset="~/.cache/groupwise"),
 )
 
 
@@ -214,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         # default None: "not given", so the environment variable can fill it in
         parser.add_argument(option.flag, dest=option.field, default=None,
-                            help=f"{option.help} [env {option.env}]")
+                            help=f"{option.help} (default: {option.default}; env {option.env})")
     return parser
 
 

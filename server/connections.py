@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import cast
 
 import h11
 import uvicorn
@@ -25,7 +26,7 @@ class GuardedH11Protocol(H11Protocol):
         self._clock: asyncio.TimerHandle | None = None
         self._waiting_for: str | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._wait_for("headers")
 
@@ -67,7 +68,8 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 0, *,
                    max_connections: int | None = None, **options) -> uvicorn.Config:
     """uvicorn's config with guarded connections and, if given, a cap on open connections
     and requests (beyond it uvicorn answers 503)."""
-    protocol = partial(GuardedH11Protocol, header_timeout_s=header_timeout_s,
-                       body_timeout_s=body_timeout_s)
+    # uvicorn builds each connection's protocol by calling `http`, as it would call a class
+    protocol = cast(type[asyncio.Protocol], partial(
+        GuardedH11Protocol, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s))
     return uvicorn.Config(app, host=host, port=port, http=protocol,
                           limit_concurrency=max_connections, **options)

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from model.engine.grouped_engine import EngineInputError
-from server.scheduler import QueueFullError, TooManyQuestionsError
+from model.engine.interface import EngineInputError
+from server.dispatcher import QueueFullError, TooManyQuestionsError
 
 log = logging.getLogger("groupwise.server")
 
@@ -114,11 +116,18 @@ async def _on_too_many_questions(request: Request, exc: TooManyQuestionsError) -
     return error_response(400, str(exc), "questions")
 
 
+Handler = Callable[[Request, Any], Awaitable[Response]]  # Any: the exception it is registered for
+HANDLERS: dict[type[Exception], Handler] = {
+    APIError: _on_api_error,
+    RequestValidationError: _on_validation_error,
+    EngineInputError: _on_engine_input_error,
+    HTTPException: _on_http_exception,
+    QueueFullError: _on_queue_full,
+    TooManyQuestionsError: _on_too_many_questions,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Unexpected exceptions are turned into 500s by the middleware (server/middleware.py)."""
-    app.add_exception_handler(APIError, _on_api_error)
-    app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(EngineInputError, _on_engine_input_error)
-    app.add_exception_handler(HTTPException, _on_http_exception)
-    app.add_exception_handler(QueueFullError, _on_queue_full)
-    app.add_exception_handler(TooManyQuestionsError, _on_too_many_questions)
+    for kind, handler in HANDLERS.items():
+        app.add_exception_handler(kind, handler)

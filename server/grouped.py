@@ -18,13 +18,14 @@ import uuid
 
 from fastapi import Request
 
-from model.engine.grouped_engine import EngineInputError, Member, TokenEvent
-from model.engine.sampling import SamplingParams
-from model.prompts import extract_answer, question_messages
+from model.engine.interface import TokenEvent
+from server.dispatcher import Dispatcher
+from server.intake import grouped_members
+from server.prompts import extract_answer
 from server.question import Question, QuestionEvent
 from server.responses import respond
 from server.schemas import GroupedCompletionRequest
-from server.services import Services
+from server.services import ServedModel
 from server.usage import usage_body
 
 
@@ -92,57 +93,17 @@ class GroupedReply:
                 "total_seconds": round(finished - arrived, 6)}
 
 
-async def create_grouped_completion(
-    body: GroupedCompletionRequest, http_request: Request, services: Services
-):
-    services.check_model(body.model)
-    questions = await _enqueue(body, http_request.state.tenant, services)
-    reply = GroupedReply(services.model_name, body, questions)
+async def create_grouped_completion(body: GroupedCompletionRequest, http_request: Request,
+                                    model: ServedModel, dispatcher: Dispatcher,
+                                    max_group_size: int):
+    model.check_name(body.model)
+    namespace = (http_request.state.tenant, body.cache_salt)
+    groups = await grouped_members(body, namespace, model, max_group_size)
     # one queue holds the events of all the request's questions, in order
-    return await respond(reply, questions[0].events, body.stream, http_request,
-                         services.scheduler)
-
-
-async def _enqueue(body: GroupedCompletionRequest, tenant: int,
-                   services: Services) -> list[Question]:
-    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                            top_p=body.top_p, seed=body.seed, stop=tuple(body.stop))
-    namespace = (tenant, body.cache_salt)
-    # one queue: the events of all questions, in order
     events: asyncio.Queue[QuestionEvent] = asyncio.Queue()
-    questions = []
-    for index, question in enumerate(body.questions):
-        messages = question_messages(body.context, question.question, body.system_prompt)
-        try:
-            prompt_ids = await services.encode(messages, "messages")
-        except EngineInputError as exc:
-            raise await _name_the_field(exc, body, index, services) from None
-        member = Member(prompt_ids, params, namespace=namespace)
-        try:
-            services.engine.check_member(member)
-        except EngineInputError as exc:
-            raise await _name_the_field(exc, body, index, services) from None
-        questions.append(Question(member, events, index=index))
-    size = services.settings.max_group_size
-    for start in range(0, len(questions), size):  # the groups the scheduler will form
-        services.engine.check_group([q.member for q in questions[start : start + size]])
-    services.scheduler.submit_group(questions)
-    return questions
-
-
-async def _name_the_field(error: EngineInputError, body: GroupedCompletionRequest, index: int,
-                          services: Services) -> EngineInputError:
-    """The engine speaks of a prompt; the client sent a context and questions. A prompt too
-    long with any question is the context's fault; otherwise it is this question's."""
-    if error.param != "messages":
-        return EngineInputError(f"questions[{index}]: {error}", error.param)
-    limit = services.engine.max_context
-    try:
-        bare = len(await services.encode(question_messages(body.context, "",
-                                                           body.system_prompt), "context"))
-    except EngineInputError:  # too long by its characters alone
-        bare = limit
-    if bare >= limit:
-        return EngineInputError(f"context: {error}", "context")
-    field = f"questions[{index}].question"
-    return EngineInputError(f"{field}: {error}", field)
+    members = [member for group in groups for member in group]
+    questions = [Question(member, events, index=index) for index, member in enumerate(members)]
+    by_member = {q.member: q for q in questions}
+    dispatcher.submit_groups([[by_member[m] for m in group] for group in groups])
+    reply = GroupedReply(model.name, body, questions)
+    return await respond(reply, events, body.stream, http_request, dispatcher)

@@ -5,8 +5,6 @@ Each app owns its registry, so several apps can live in one process (the tests b
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,29 +14,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from model.engine.interface import EngineCounters
+from server.dispatcher import Dispatcher
 from server.question import Question
-from server.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 GROUP_SIZE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 GROUP_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-class EngineCounters(Protocol):
-    """What the metrics read from the engine after a step (`GroupedEngine`)."""
-
-    @property
-    def kv_cache_usage(self) -> float: ...
-
-    @property
-    def prefix_cache_queries(self) -> int:
-        """Cumulative, since the engine was built."""
-
-    @property
-    def prefix_cache_hits(self) -> int:
-        """Cumulative, since the engine was built."""
 
 
 class ServerMetrics:
@@ -95,16 +79,16 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def track_queue(self, scheduler: Scheduler) -> None:
-        """The waiting / running gauges read the scheduler when scraped."""
-        self.num_requests_waiting.set_function(lambda: scheduler.num_waiting)
+    def track_queue(self, dispatcher: Dispatcher) -> None:
+        """The waiting / running gauges read the dispatcher when scraped."""
+        self.num_requests_waiting.set_function(lambda: dispatcher.num_waiting)
         self.num_requests_running.set_function(
-            lambda: scheduler.num_in_flight - scheduler.num_waiting)
+            lambda: dispatcher.num_in_flight - dispatcher.num_waiting)
 
-    def observe_engine(self, engine: EngineCounters) -> None:
+    def observe_engine(self, counters: EngineCounters) -> None:
         """After an engine step (in the worker thread): pool usage and cache counters."""
-        self.kv_cache_usage.set(engine.kv_cache_usage)
-        queries, hits = engine.prefix_cache_queries, engine.prefix_cache_hits
+        self.kv_cache_usage.set(counters.kv_cache_usage)
+        queries, hits = counters.prefix_cache_queries, counters.prefix_cache_hits
         self.prefix_cache_queries.inc(queries - self._engine_counts[0])
         self.prefix_cache_hits.inc(hits - self._engine_counts[1])
         self._engine_counts = (queries, hits)
@@ -116,20 +100,22 @@ class ServerMetrics:
             self.queue_time.observe(started_at - question.arrived_at)
 
     def observe_first_token(self, question: Question) -> None:
+        assert question.first_token_at is not None, "observed once it is stamped"
         self.time_to_first_token.observe(question.first_token_at - question.arrived_at)
 
     def observe_finished(self, question: Question) -> None:
         self.request_success.labels(finish_reason=question.finish_reason).inc()
-        usage = question.usage
+        usage, finished_at = question.usage, question.finished_at
+        assert finished_at is not None, "observed once it is stamped"
         if question.scheduled_at is None or usage is None:  # never ran: nothing was computed
             return
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.prompt_tokens_computed.inc(usage.computed_prompt_tokens)
         self.generation_tokens.inc(usage.completion_tokens)
         if question.finish_reason in ("stop", "length"):
-            self.e2e_latency.observe(question.finished_at - question.arrived_at)
+            self.e2e_latency.observe(finished_at - question.arrived_at)
             if usage.completion_tokens > 1 and question.first_token_at is not None:
-                decode_time = question.finished_at - question.first_token_at
+                decode_time = finished_at - question.first_token_at
                 self.time_per_output_token.observe(decode_time / (usage.completion_tokens - 1))
 
     def count_http(self, route: str, status: int) -> None:

@@ -1,11 +1,14 @@
-"""Outermost HTTP layer (pure ASGI, so streaming and disconnects pass through untouched):
-the replica header on every response, the per-route status counter, and a last-resort 500 in
-OpenAI's shape for an exception no handler mapped."""
+"""The outer HTTP layers (pure ASGI, so streaming and disconnects pass through untouched): the
+replica header on every response, the per-route status counter and a last-resort 500 in
+OpenAI's shape for an exception no handler mapped (`ServingMiddleware`); HEAD answered wherever
+GET is (`HeadAsGet`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+
+from starlette.types import Message, Receive, Scope, Send
 
 from server.errors import error_body
 from server.metrics import ServerMetrics
@@ -20,13 +23,13 @@ class ServingMiddleware:
         self.metrics = metrics
         self.replica = replica_name.encode("latin-1", "replace")
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status: int | None = None
 
-        async def send_with_header(message):
+        async def send_with_header(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -50,6 +53,26 @@ class ServingMiddleware:
                    (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 500, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class HeadAsGet:
+    """A HEAD request runs as the GET it asks about, and only its headers are sent: uptime
+    checkers and proxies probe with HEAD, and HTTP wants it wherever GET works."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 def _route_label(scope) -> str:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
-from model.prompts import question_messages
+from server.prompts import ANSWER_PATTERN, question_messages
 
 STATIC = Path(__file__).parent / "static"
 PAGE = "/playground"
@@ -50,13 +50,15 @@ async def page() -> FileResponse:
 
 @playground.get(PAGE + "/config.json")
 async def page_config(request: Request) -> JSONResponse:
-    """What the page cannot know by itself: the model, whether /v1 needs a key, and the chat
+    """What the page cannot know by itself: the model, whether /v1 needs a key, the chat
     messages a grouped question is prompted with (`{context}` and `{question}` stand for the
-    text), so its one-by-one mode sends plain chat requests with the very same prompts."""
+    text), so its one-by-one mode sends plain chat requests with the very same prompts, and
+    the pattern the grouped API extracts `answer` with, so that mode shows answers as it does."""
     services = request.app.state.services
     body = {"model": services.model_name,
             "api_key_required": bool(services.settings.api_keys),
-            "chat_messages": question_messages("{context}", "{question}")}
+            "chat_messages": question_messages("{context}", "{question}"),
+            "answer_pattern": ANSWER_PATTERN.pattern}
     return JSONResponse(body, headers=SECURITY_HEADERS)
 
 

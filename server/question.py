@@ -1,8 +1,8 @@
 """One question on its way through the server, and what its client is sent about it.
 
 A `Question` is the server's side of one question: a chat request holds one, a grouped request
-one per question, sharing one events queue. Its engine `Member` is the engine's side; the
-engine keeps its own decoding state per member and reports progress in `member.status`.
+one per question, sharing one events queue. Its engine `Member` is what the engine is handed;
+how far the engine got is the engine thread's to know, and comes back only as events.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from model.engine.request import Member, TokenEvent, Usage
+from model.engine.interface import Member, TokenEvent, Usage
 
 
 class QuestionStatus(enum.Enum):
-    QUEUED = "queued"  # in the scheduler's group queue, or about to be handed over
-    IN_ENGINE = "in_engine"  # handed to the engine worker; `member.status` says how far it got
+    QUEUED = "queued"  # in the grouping's queue, or about to be handed over
+    IN_ENGINE = "in_engine"  # handed to the engine worker
     FINISHED = "finished"  # its final event or failure has been queued for its client
 
 
@@ -35,7 +35,7 @@ QuestionEvent = TokenEvent | EngineFailure
 @dataclass(eq=False)
 class Question:
     """Its engine member, where its events go, and the timestamps the metrics are made of
-    (time.monotonic seconds). `status` moves forward only: the scheduler hands it to the engine
+    (time.monotonic seconds). `status` moves forward only: the dispatcher hands it to the engine
     (`hand_to_engine`), the engine worker finishes it (`finish`) when it queues its last event."""
 
     member: Member

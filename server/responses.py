@@ -11,10 +11,10 @@ from typing import Protocol
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from model.engine.request import TokenEvent
+from model.engine.interface import TokenEvent
+from server.dispatcher import Dispatcher
 from server.errors import ClientDisconnected, error_body
 from server.question import EngineFailure, Question, QuestionEvent
-from server.scheduler import Scheduler
 from server.streaming import (
     SSE_DONE,
     SSE_HEADERS,
@@ -49,7 +49,7 @@ class Reply(Protocol):
 
 
 async def respond(reply: Reply, events: asyncio.Queue[QuestionEvent], stream: bool,
-                  http_request: Request, scheduler: Scheduler):
+                  http_request: Request, dispatcher: Dispatcher):
     """Waits for the first event before answering, so that a failure ahead of any output is an
     HTTP error rather than a stream that breaks off. Unfinished questions are aborted as soon as
     the client has gone, the handler fails, or the stream ends early."""
@@ -61,9 +61,9 @@ async def respond(reply: Reply, events: asyncio.Queue[QuestionEvent], stream: bo
         if not stream:
             return JSONResponse(await _collect(first, events, watcher, reply))
     except BaseException:
-        release(scheduler, reply.questions, watcher)
+        release(dispatcher, reply.questions, watcher)
         raise
-    chunks = _stream(first, events, watcher, reply, scheduler)
+    chunks = _stream(first, events, watcher, reply, dispatcher)
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -81,7 +81,7 @@ async def _collect(item: QuestionEvent, events: asyncio.Queue[QuestionEvent],
 
 async def _stream(item: QuestionEvent, events: asyncio.Queue[QuestionEvent],
                   watcher: DisconnectWatcher, reply: Reply,
-                  scheduler: Scheduler) -> AsyncIterator[bytes]:
+                  dispatcher: Dispatcher) -> AsyncIterator[bytes]:
     try:
         for chunk in reply.opening():
             yield sse_event(chunk)
@@ -100,4 +100,4 @@ async def _stream(item: QuestionEvent, events: asyncio.Queue[QuestionEvent],
     except ClientDisconnected:
         return
     finally:
-        release(scheduler, reply.questions, watcher)
+        release(dispatcher, reply.questions, watcher)

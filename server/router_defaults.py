@@ -14,20 +14,24 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator
 
 
-def _only(value: bool):
+def _only(value: bool) -> BeforeValidator:
     def check(given):
         if given is not None and given is not value:
             raise ValueError(f"only {str(value).lower()} is supported")
         return given
 
-    return Annotated[bool | None, BeforeValidator(check)]
+    return BeforeValidator(check)
+
+
+OnlyFalse = Annotated[bool | None, _only(False)]
+OnlyTrue = Annotated[bool | None, _only(True)]
 
 
 class RouterDefaults(BaseModel):
-    no_stop_trim: _only(False) = None
-    continue_final_message: _only(False) = None
-    return_hidden_states: _only(False) = None
-    skip_special_tokens: _only(True) = None
-    separate_reasoning: _only(True) = None
-    stream_reasoning: _only(True) = None
-    include_reasoning: _only(True) = None
+    no_stop_trim: OnlyFalse = None
+    continue_final_message: OnlyFalse = None
+    return_hidden_states: OnlyFalse = None
+    skip_special_tokens: OnlyTrue = None
+    separate_reasoning: OnlyTrue = None
+    stream_reasoning: OnlyTrue = None
+    include_reasoning: OnlyTrue = None

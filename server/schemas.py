@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
 )
 
-from model.engine.sampling import SEED_RANGE
+from model.engine.interface import SEED_RANGE
 from server.router_defaults import RouterDefaults
 
 MAX_STOP_STRINGS = 4  # as OpenAI

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
 
+from starlette.types import Receive
+
+from server.dispatcher import Dispatcher
 from server.errors import APIError, ClientDisconnected
 from server.question import EngineFailure, Question, QuestionEvent
-from server.scheduler import Scheduler
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 SSE_DONE = b"data: [DONE]\n\n"
@@ -19,7 +20,7 @@ class DisconnectWatcher:
     """Waits for the ASGI `http.disconnect` message in the background. The request body has
     already been read, so the next message the server sends is the disconnect."""
 
-    def __init__(self, receive: Callable[[], Awaitable[dict]]):
+    def __init__(self, receive: Receive):
         self.task = asyncio.create_task(self._watch(receive))
 
     @staticmethod
@@ -59,10 +60,10 @@ def sse_event(data: dict) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def release(scheduler: Scheduler, questions: list[Question], watcher: DisconnectWatcher) -> None:
+def release(dispatcher: Dispatcher, questions: list[Question], watcher: DisconnectWatcher) -> None:
     """The HTTP side is done with `questions`: unfinished ones (their client left, or the
     handler failed) are aborted, so they leave their group without disturbing it."""
     watcher.close()
     for question in questions:
         if not question.is_finished:
-            scheduler.abort(question)
+            dispatcher.abort(question)

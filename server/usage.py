@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from model.engine.grouped_engine import Usage
+from model.engine.interface import Usage
 
 
 def usage_body(usages: Iterable[Usage | None]) -> dict:

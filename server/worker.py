@@ -1,10 +1,11 @@
 """The engine worker: ONE thread runs the engine's step loop, off the event loop.
 
 The event loop hands it groups (`submit`); between any two steps the thread adds them to the
-engine, which admits them when the KV pool has room. Every step's token events go back to
-their questions' asyncio queues in one `loop.call_soon_threadsafe`. A member whose sampling or
-stop handling fails gets an `EngineFailure` and its batch-mates carry on; if a whole step
-raises, the questions in the engine fail, the engine starts afresh and the thread lives on.
+engine, which admits them when the KV pool has room. After every step the thread sends the
+step's token events, and how many members still wait for room, back to the event loop in one
+`loop.call_soon_threadsafe`: the event loop never reads the engine itself. A member whose
+sampling or stop handling fails gets an `EngineFailure` and its batch-mates carry on; if a whole
+step raises, the questions in the engine fail, the engine starts afresh and the thread lives on.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from model.engine.request import EngineInputError, Member, TokenEvent, Usage
-from server.metrics import EngineCounters
+from model.engine.interface import Engine, EngineCounters, Member, TokenEvent, Usage
 from server.question import EngineFailure, Question, QuestionEvent
 
 log = logging.getLogger("groupwise.server")
@@ -28,25 +27,8 @@ _FAIL_ALL = object()
 SHUTDOWN_MESSAGE = "the server shut down before this answer was complete; retry"
 
 
-class Engine(EngineCounters, Protocol):
-    """What the worker thread asks of the engine (`GroupedEngine`); the counters
-    go to the metrics after each step."""
-
-    @property
-    def has_work(self) -> bool: ...
-
-    def add(self, members: Sequence[Member], uses_trained_head: bool = True) -> None: ...
-
-    def step(self) -> list[TokenEvent]: ...
-
-    def reset(self) -> list[Member]:
-        """Forgets everything; returns the members it held, for the caller to fail."""
-
-    def abort_all(self) -> Iterable[TokenEvent]: ...
-
-
 class WorkerMetrics(Protocol):
-    def observe_engine(self, engine: EngineCounters) -> None: ...
+    def observe_engine(self, counters: EngineCounters) -> None: ...
 
     def observe_first_token(self, question: Question) -> None: ...
 
@@ -62,13 +44,23 @@ class EngineWorker:
         # loop touches it: filled on submit, emptied as questions finish.
         self._questions: dict[Member, Question] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_submitted = 0  # members handed to the thread (event loop)
+        self._num_taken = 0  # of those, members the thread has given the engine (thread)
+        self._reported = (0, 0)  # (taken, waiting in the engine) after the last step
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    @property
+    def num_waiting(self) -> int:
+        """Members handed over and not admitted yet, as of the engine's last step."""
+        taken, waiting = self._reported
+        return self._num_submitted - taken + waiting
 
     def submit(self, group: list[Question], uses_trained_head: bool) -> None:
         """Queues a group for the engine (from the event loop; never blocks)."""
         for question in group:
             self._questions[question.member] = question
+        self._num_submitted += len(group)
         self._inbox.put(([q.member for q in group], uses_trained_head))
 
     def fail_all(self, queued: list[Question]) -> None:
@@ -107,31 +99,37 @@ class EngineWorker:
             self._step()
 
     def _add(self, members: list[Member], uses_trained_head: bool) -> None:
+        self._num_taken += len(members)
         try:
             self._engine.add(members, uses_trained_head)
-        except EngineInputError as exc:  # the HTTP side checked it; a last line of defence
-            self._post([EngineFailure(m, str(exc)) for m in members])
+        except Exception as exc:  # noqa: BLE001 - the edge checked the group: this is a bug
+            log.exception("the engine refused a group")
+            self._post([EngineFailure(m, f"the engine refused this request: {exc!r}")
+                        for m in members])
 
     def _step(self) -> None:
         try:
-            events = self._engine.step()
+            events: list[QuestionEvent] = list(self._engine.step())
         except Exception as exc:  # noqa: BLE001 - a failed step fails what is in the engine
             log.exception("an engine step failed")
             message = f"the engine failed while generating: {type(exc).__name__}: {exc}"
             events = [EngineFailure(m, message) for m in self._engine.reset()]
-        self._post(events)
-        self._metrics.observe_engine(self._engine)
+        counters = self._engine.counters()
+        self._metrics.observe_engine(counters)
+        self._post(events, (self._num_taken, counters.num_waiting))
 
-    def _post(self, items: list[QuestionEvent]) -> None:
-        if not items:
+    def _post(self, items: list[QuestionEvent], load: tuple[int, int] | None = None) -> None:
+        if not items and load is None:
             return
         # RuntimeError: the event loop is closed, nobody is left to read the events
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._deliver_all, items)
+            self._loop.call_soon_threadsafe(self._deliver_all, items, load)
 
     # --- back on the event loop --------------------------------------------------------------
 
-    def _deliver_all(self, items: list[QuestionEvent]) -> None:
+    def _deliver_all(self, items: list[QuestionEvent], load: tuple[int, int] | None) -> None:
+        if load is not None:
+            self._reported = load
         for item in items:
             question = self._questions.get(item.member)
             if question is not None:  # else it has finished: e.g. a failure after its end

@@ -40,9 +40,15 @@ import uvicorn
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
 from model.native import CAP_VARIABLE, runnable_isas
-from model.prompts import encode_chat
 from model.weights.loading import LoadedModel, load_model
 from model.weights.tiny import TinyModel, build_tiny_model
+from server.prompts import encode_chat
+
+# The tiny model's operations are too small to gain from a second thread, and on a CPU shared
+# with other work torch's threads wait on each other: one thread makes this suite several times
+# faster on the 2-core development machine. (Servers and benches the tests start as processes
+# keep torch's default.)
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -154,6 +160,17 @@ def free_port() -> int:
 
 TEST_SETTINGS = {"model": "tiny-random", "csa": "off", "max_wait_ms": 5.0,
                  "replica_name": "test-replica"}
+
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_model) -> Iterator[LiveServer]:
+    """One server with the test settings for a whole module, whose tests each send requests
+    that stand alone (refusals): a server costs a few tenths of a second to start and stop."""
+    from server.app import create_app
+    from server.config import Settings
+
+    with live_server(create_app(Settings(**TEST_SETTINGS), loaded_model=tiny_model)) as server:
+        yield server
 
 
 @pytest.fixture

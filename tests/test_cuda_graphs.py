@@ -9,9 +9,9 @@ import torch
 
 import model.engine.grouped_engine as grouped_engine
 from model.engine.batch import build_step
-from model.engine.grouped_engine import GroupedEngine, Member
-from model.engine.request import Status
-from model.engine.sampling import SamplingParams
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.interface import EngineOptions, open_engine
+from model.engine.request import Member, SamplingParams, Status
 from model.forward.cuda_graphs import DecodeGraphs, bucket_sizes
 from tests.test_engine import make_groups, reference_greedy, run
 
@@ -28,8 +28,9 @@ def decoding_engine(tiny) -> GroupedEngine:
     engine = GroupedEngine(tiny.model, tiny.tokenizer, decode_graph_rows=8)
     for group in make_groups(tiny, [3, 1, 1], max_tokens=20):
         engine.add(group)
-    while not engine._running or not all(r.member.status is Status.DECODE
-                                         for g in engine._running for r in g.rows):
+    while not engine.scheduler.running or not all(r.member.status is Status.DECODE
+                                                  for g in engine.scheduler.running
+                                                  for r in g.rows):
         engine.step()
     engine.step()
     return engine
@@ -37,7 +38,7 @@ def decoding_engine(tiny) -> GroupedEngine:
 
 def test_a_padded_step_equals_the_unpadded_one_and_writes_no_live_slot(tiny):
     engine = decoding_engine(tiny)
-    rows = engine._decode_rows()
+    rows = engine.scheduler.decoding_rows()
     assert len(rows) == 5  # padded to a bucket of 8
     inputs, _ = build_step(rows, [], engine.forward.scale)
     eager_kv, padded_kv = engine.pool.kv.clone(), engine.pool.kv.clone()
@@ -103,3 +104,9 @@ def test_a_refused_capture_leaves_decode_steps_eager(tiny, monkeypatch, caplog):
     member = make_groups(tiny, [1], max_tokens=6)[0][0]
     expected = reference_greedy(tiny.model, member.prompt_ids, 6, engine.eos_token_ids)
     assert run(engine, [[member]])[member]["ids"] == expected
+
+
+def test_a_server_on_a_cpu_decodes_without_graphs(tiny_model):
+    """--decode-graph-rows is a GPU's: the padded eager steps above are a check, not a mode."""
+    engine = open_engine(tiny_model, None, EngineOptions(decode_graph_rows=8))
+    assert engine.graphs is None

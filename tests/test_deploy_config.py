@@ -58,6 +58,7 @@ def resolved_config(profile: str = "", files=(COMPOSE,), env: dict | None = None
     return yaml.safe_load(result.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("profile", PROFILES, ids=["default", "bench", "scale"])
 def test_compose_validates_for_every_profile(profile, gpu):
@@ -67,6 +68,7 @@ def test_compose_validates_for_every_profile(profile, gpu):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_compose_validation_rejects_a_broken_file(tmp_path):
     """The validator really validates: an unknown key in a service is an error."""
     broken = tmp_path / "docker-compose.yml"
@@ -76,6 +78,7 @@ def test_compose_validation_rejects_a_broken_file(tmp_path):
     assert "restart_x" in result.stderr
 
 
+@pytest.mark.slow
 def test_profiles_put_each_service_where_it_belongs():
     services = resolved_config()["services"]
     assert "profiles" not in services["server"]
@@ -89,6 +92,7 @@ def test_profiles_put_each_service_where_it_belongs():
     assert len(replica_names) == 2, "replicas must report different names"
 
 
+@pytest.mark.slow
 def test_server_settings_pass_through_from_the_shell():
     services = resolved_config(env={"GROUPWISE_MAX_GROUP_SIZE": "12"})["services"]
     assert services["server"]["environment"]["GROUPWISE_MAX_GROUP_SIZE"] == "12"
@@ -97,6 +101,7 @@ def test_server_settings_pass_through_from_the_shell():
     assert unset["GROUPWISE_MAX_GROUP_SIZE"] is None  # left to the server's default
 
 
+@pytest.mark.slow
 def test_gpu_override_reserves_a_gpu_per_replica_and_builds_for_cuda():
     services = resolved_config("scale", files=(COMPOSE, COMPOSE_GPU))["services"]
     device_ids = []
@@ -110,6 +115,7 @@ def test_gpu_override_reserves_a_gpu_per_replica_and_builds_for_cuda():
     assert "deploy" not in resolved_config("scale")["services"]["server"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=["server", "router"])
 def test_dockerfile_passes_hadolint(dockerfile):
     result = subprocess.run([require_tool("hadolint"), str(dockerfile)], cwd=ROOT,
@@ -117,6 +123,7 @@ def test_dockerfile_passes_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_hadolint_flags_a_careless_dockerfile(tmp_path):
     """Control for the test above: an untagged base and unpinned apt install are reported."""
     careless = tmp_path / "Dockerfile"

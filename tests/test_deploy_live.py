@@ -28,6 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.scale import router_command, router_env
 from tests.test_deploy_config import DASHBOARD, DEPLOY, ROOT, require_tool
 
+pytestmark = pytest.mark.slow
+
 NGINX_DIR = DEPLOY / "nginx"
 REPLICA_NAMES = ("replica-a", "replica-b")
 NUM_GROUPS = 12

@@ -109,6 +109,7 @@ def test_the_commands_are_found_in_blocks_inline_and_in_make_args():
         next(c for c in compare if c.startswith("(cd ../before")))
 
 
+@pytest.mark.slow  # each command's --help imports torch
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_python_command_names_what_exists_with_flags_it_takes(page):
     for target, flags in invocations(page):
@@ -154,3 +155,51 @@ def test_every_docs_page_has_a_title_and_is_linked_from_the_readme():
     for page in PAGES[1:]:
         assert page.read_text().startswith("# "), f"{page.name} has no title"
         assert f"(docs/{page.name})" in readme, f"the README does not link {page.name}"
+
+
+def markdown_table(lines: list[str]) -> list[list[str]]:
+    """The rows of the first table in `lines` (header and rule left out), cells stripped."""
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.lstrip().startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_the_readme_quotes_the_latest_run_of_the_load_bench():
+    """Its llama.cpp figures are those of the load bench page's latest run, as that page gives
+    them (ours / before / llama.cpp), and each ratio is theirs."""
+    readme = (REPO / "README.md").read_text().splitlines()
+    quoted = markdown_table(readme[next(i for i, line in enumerate(readme)
+                                        if "Against llama.cpp's server" in line):])
+    page = (REPO / "docs" / "load-bench.md").read_text().splitlines()
+    latest = {row[0]: row for row in markdown_table(
+        page[page.index("### The latest run"):])}
+    names = {"burst": "burst", "trickle": "trickle", "mixed": "mixed (questions)"}
+    assert [row[0].split()[0] for row in quoted] == list(names)
+    for scenario, req_s, ttft, share in quoted:
+        measured = latest[names[scenario.split()[0]]]
+        ours, _, theirs = measured[1].split(" / ")
+        assert req_s == f"{ours} / {theirs} ({float(ours) / float(theirs):.1f}x)"
+        for cell, column in ((ttft, 2), (share, 4)):
+            ours, _, theirs = measured[column].split(" / ")
+            assert cell == f"{ours} / {theirs}"
+
+
+def test_the_module_map_names_every_file_and_only_files_that_exist():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Module map"):].split("\n## ")[0].splitlines()
+    named: set[str] = set()
+    for row in markdown_table(section):
+        previous = ""
+        for path in re.findall(r"`([^`]+)`", row[0]):
+            path = previous.rsplit(".", 1)[0] + path if path.startswith(".") else path
+            named.add(path.rstrip("/"))
+            previous = path
+    assert all((REPO / path).exists() for path in named), sorted(
+        path for path in named if not (REPO / path).exists())
+    sources = {str(path.relative_to(REPO)) for package in ("model", "server", "bench", "train")
+               for path in (REPO / package).rglob("*.py") if path.name != "__init__.py"}
+    assert sources - named == set()

@@ -8,13 +8,13 @@ import torch
 from bench.squad import load_selection
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
-from model.prompts import encode_chat, question_messages
 from model.weights.loading import EMBEDDED_MODEL_NAME, load_model
+from server.prompts import encode_chat, question_messages
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["auto", "fp32"])
+@pytest.fixture(scope="module", params=["auto", "loaded"])
 def embedded(request):
     """The default format (int4 from the GGUF on a CPU) and the weights as loaded: grouping is
     exactly invariant in both."""
@@ -62,5 +62,5 @@ def test_the_shipped_head_loads_on_bf16_weights():
     assert head is not None and source.endswith("smollm2-135m-instruct")
     services = Services(Settings(dtype="bfloat16"))
     services.load()
-    assert services.loaded.model.dtype is torch.bfloat16
+    assert services.engine.model.dtype is torch.bfloat16
     assert services.engine.csa is not None

@@ -6,16 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.engine.grouped_engine import (
-    EngineInputError,
-    GroupedEngine,
-    Member,
-    shared_prefix_length,
-)
-from model.engine.sampling import SamplingParams
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.limits import shared_prefix_length
+from model.engine.request import EngineInputError, Member, SamplingParams
 from model.forward import cpu_kernels
 from model.head.group_head import GroupHead, GroupHeadConfig
-from model.prompts import encode_chat, question_messages
+from server.prompts import encode_chat, question_messages
 
 CONTEXTS = [
     "The cat sat on the mat while the dog slept by the fire.",

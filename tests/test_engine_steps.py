@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import model.engine.grouped_engine as engine_module
-from model.engine.grouped_engine import EngineInputError, GroupedEngine, Member
-from model.engine.sampling import SamplingParams
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.request import EngineInputError, Member, SamplingParams
 from model.forward.decoder import PoolShape
-from model.prompts import encode_chat, question_messages
+from server.prompts import encode_chat, question_messages
 from tests.test_engine import CONTEXTS, QUESTIONS, prompts_for, reference_greedy, run
 
 
@@ -122,7 +122,7 @@ def test_eviction_under_a_small_pool_keeps_answers_exact(tiny):
         (member,) = members([prompt])
         assert run(engine, [[member]])[member]["ids"] == expected(tiny, engine, member)
         assert engine.cache.num_cached_tokens <= engine.pool.capacity
-    assert engine.pool.slots.num_free + engine.cache.num_cached_tokens == engine.pool.capacity
+    assert engine.scheduler.slots.num_free + engine.cache.num_cached_tokens == engine.pool.capacity
     (member,) = members([prompts[0]])
     assert run(engine, [[member]])[member]["usage"].cached_tokens < len(prompts[0]) - 1
 
@@ -181,7 +181,7 @@ def test_a_group_that_does_not_fit_waits_and_one_that_never_can_is_refused(tiny)
     for member in first + second:
         assert results[member]["ids"] == expected(tiny, engine, member)
     with pytest.raises(EngineInputError, match="--kv-cache-mb") as refused:
-        engine.add(members(prompts[:2], max_tokens=10))  # 2 prompts: never fits
+        engine.limits.check_group(members(prompts[:2], max_tokens=10))  # 2 prompts: never fits
     assert refused.value.param == "max_tokens"
 
 

@@ -4,14 +4,14 @@ reference; checkpoints with their metadata."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model.head.files import CheckpointMismatchError
+from model.head.group_head import GroupHead, GroupHeadConfig
 
 D = 32
 
@@ -151,15 +151,3 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no CSA checkpoint"):
         GroupHead.load(tmp_path / "nowhere")
-
-
-def test_checkpoint_with_a_legacy_weights_hash_loads(tmp_path):
-    """Checkpoints written before signatures name their base by an exact hash of its fp32
-    weights; they load, checked by their hidden size."""
-    trained_like(base_model="model-a").save(tmp_path)
-    config_file = tmp_path / "config.json"
-    fields = json.loads(config_file.read_text())
-    del fields["base_signature"]
-    config_file.write_text(json.dumps({**fields, "base_fingerprint": "ab" * 32}))
-    head = GroupHead.load(tmp_path, "model-a", (0.5, -1.0), hidden_size=D)
-    assert head.config.base_signature == ()

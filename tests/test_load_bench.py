@@ -13,7 +13,7 @@ import pytest
 
 from bench import compare, load
 from bench.load import RequestRecord
-from model.prompts import ANSWER_SYSTEM_PROMPT
+from server.prompts import ANSWER_SYSTEM_PROMPT
 
 SUMMARY_KEYS = {
     "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",

@@ -9,9 +9,9 @@ import re
 import httpx
 import pytest
 
-from model.prompts import question_messages
 from server.config import Settings, SettingsError
 from server.playground import STATIC
+from server.prompts import ANSWER_PATTERN, question_messages
 
 ASSET_TYPES = {"/playground": "text/html", "/playground/playground.js": "text/javascript",
                "/playground/playground.css": "text/css"}
@@ -63,7 +63,8 @@ def test_only_the_pages_own_files_are_served(start_server):
 def test_config_gives_the_model_the_key_requirement_and_the_grouped_prompt(start_server):
     config = get(start_server(), "/playground/config.json").json()
     assert config == {"model": "tiny-random", "api_key_required": False,
-                      "chat_messages": question_messages("{context}", "{question}")}
+                      "chat_messages": question_messages("{context}", "{question}"),
+                      "answer_pattern": ANSWER_PATTERN.pattern}
     keyed = start_server(api_key="sesame")
     assert get(keyed, "/playground/config.json").json()["api_key_required"] is True
     # the page is public; only what it sends to /v1 needs the key
@@ -83,5 +84,6 @@ def test_playground_off_serves_neither_the_page_nor_the_redirect(start_server):
 def test_playground_setting_reads_on_and_off_only():
     assert Settings.from_sources([], environ={}).playground is True
     assert Settings.from_sources([], environ={"GROUPWISE_PLAYGROUND": "OFF"}).playground is False
-    with pytest.raises(SettingsError, match="--playground: cannot read 'no' as on or off"):
+    refused = r"--playground \(GROUPWISE_PLAYGROUND\): cannot read 'no'"
+    with pytest.raises(SettingsError, match=refused):
         Settings.from_sources(["--playground", "no"], environ={})

@@ -13,7 +13,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from model.prompts import question_messages
+from server.prompts import question_messages
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (deploy/install-test-deps.sh)
 CHROMIUM_FLAGS = [
@@ -112,7 +114,11 @@ def test_three_questions_stream_into_their_rows_with_the_usage_the_api_reports(
         "temperature": 0, "stream": True}
 
     expected = api_grouped(reference)
+    # the tiny random model writes no <answer> tags: the row shows all it wrote
+    assert [answer["answer"] for answer in expected["answers"]] == [None] * 3
     assert answers(page) == [answer["text"] for answer in expected["answers"]]
+    assert page.locator("#questions .raw").evaluate_all("rows => rows.map(r => r.hidden)") == [
+        True] * 3
     usage = expected["usage"]
     billed, computed = usage["prompt_tokens"], usage["computed_prompt_tokens"]
     assert first["mode"] == "grouped" and first["questions"] == "3"
@@ -254,6 +260,52 @@ def test_an_answer_made_of_markup_is_shown_as_text(page, start_server):
     assert answers(page) == [markup]
     assert page.locator("#questions img").count() == 0
     assert dialogs == []
+
+
+def test_a_row_shows_the_answer_in_its_tags_and_the_raw_text_on_demand(page, start_server):
+    """The grouped API's `answer` takes the row once the question is done; the tiny model
+    writes no tags, so the browser answers the page's request itself, in the API's shapes."""
+    raw = "<answer> South America </answer> because the basin is there"
+    usage = {"prompt_tokens": 10, "completion_tokens": 9, "total_tokens": 19,
+             "prompt_tokens_details": {"cached_tokens": 0}, "computed_prompt_tokens": 10}
+    stream = sse(chunk(0, raw[:20]), chunk(0, raw[20:]),
+                 chunk(0, "", finish_reason="stop", text=raw, answer="South America",
+                       usage=usage),
+                 {"object": "grouped_completion.chunk", "answers": [], "usage": usage})
+    page.route("**/v1/grouped_completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body=stream))
+    open_playground(page, start_server())
+    type_request(page, PASSAGE, QUESTIONS[:1])
+    ask_and_wait(page, runs=1)
+
+    assert answers(page) == ["South America"]
+    raw_text = page.locator("#questions .raw-text")
+    expect(raw_text).to_be_hidden()
+    page.get_by_text("Raw text").click()
+    expect(raw_text).to_have_text(raw)
+
+
+def test_one_by_one_shows_the_answer_in_its_tags_as_the_grouped_api_extracts_it(
+        page, start_server):
+    """The chat API gives no `answer`: the page extracts it with the server's pattern."""
+    raw = "<answer>\nnine nations</answer>"
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+             "prompt_tokens_details": {"cached_tokens": 0}, "computed_prompt_tokens": 10}
+    choice = {"index": 0, "delta": {"content": raw}, "finish_reason": None}
+    stream = sse({"object": "chat.completion.chunk", "choices": [choice]},
+                 {"object": "chat.completion.chunk",
+                  "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                 {"object": "chat.completion.chunk", "choices": [], "usage": usage})
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body=stream))
+    open_playground(page, start_server())
+    type_request(page, PASSAGE, QUESTIONS[:2])
+    page.get_by_role("switch", name="One by one").check()
+    ask_and_wait(page, runs=1)
+
+    assert answers(page) == ["nine nations", "nine nations"]
+    page.get_by_text("Raw text").first.click()
+    expect(page.locator("#questions .raw-text").first).to_have_text(raw)
 
 
 def test_a_full_queue_says_when_to_retry(page, start_server):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from model import cache
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
-from model.prompts import encode_chat, question_messages
 from model.weights.formats import OutputSlice, has_q4_1_linears, unpermute_rows
 from model.weights.gguf_blocks import Q4_1Linear, Q8_0Linear
 from model.weights.loading import (
@@ -20,6 +20,7 @@ from model.weights.loading import (
     load_model,
     resolve_weights,
 )
+from server.prompts import encode_chat, question_messages
 from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
 
 
@@ -56,7 +57,7 @@ def engine_answers(loaded, groups: list[list[list[int]]], max_tokens: int) -> di
     return out
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int4"])
+@pytest.mark.parametrize("weights", ["loaded", "bf16", "int4"])
 def test_grouped_equals_alone_within_each_weight_format_and_kernel_variant(weights, capped_isa):
     loaded = load_model("tiny-random", device="cpu", weights=weights)
     prompts = [encode_chat(loaded.tokenizer, question_messages(CONTEXTS[i % 2], q))
@@ -74,11 +75,11 @@ def test_grouped_equals_alone_within_each_weight_format_and_kernel_variant(weigh
 def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
     """transformers dequantizes the GGUF to float32 on load; the int4 layers built from the same
     Q4_1 blocks hold the same weights, exactly; so does the Q8_0 LM head."""
-    fp32 = load_model(None, device="cpu", weights="fp32")
+    as_loaded = load_model(None, device="cpu", weights="loaded")
     int4 = load_model(None, device="cpu", weights="int4")
     assert int4.weights == "int4"
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
-        dense = fp32.model.get_decoder().layers[3].get_submodule(name).weight
+        dense = as_loaded.model.get_decoder().layers[3].get_submodule(name).weight
         packed = int4.model.get_decoder().layers[3].get_submodule(name)
         if isinstance(packed, OutputSlice):  # q, k and v share one fused int4 projection
             weights = packed.fused.dequantized()[packed.start : packed.end]
@@ -88,30 +89,33 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
         assert torch.allclose(weights, dense, rtol=0, atol=1e-6 * dense.abs().amax())
     head = int4.model.get_output_embeddings()  # the GGUF's Q8_0 LM head, tied to the embeddings
     assert isinstance(head, Q8_0Linear)
-    dense = fp32.model.get_output_embeddings().weight
+    dense = as_loaded.model.get_output_embeddings().weight
     assert torch.allclose(head.dequantized(), dense, rtol=0, atol=1e-6 * dense.abs().amax())
     assert torch.equal(int4.model.get_input_embeddings().weight, dense)
     assert embedded_gguf_path().is_file()
 
 
+@pytest.mark.slow
 def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu_with_vector_kernels(
         tmp_path, monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     gguf = GgufSource(embedded_gguf_path(), tmp_path)
     assert resolve_weights("auto", cpu, torch.float32, gguf) == "int4"
-    assert resolve_weights("auto", cpu, torch.float32, None) == "fp32"  # a HF model, as loaded
-    assert resolve_weights("auto", cuda, torch.bfloat16, gguf) == "fp32"
-    assert resolve_weights("auto", cpu, torch.bfloat16, gguf) == "fp32"
+    assert resolve_weights("auto", cpu, torch.float32, None) == "loaded"  # a HF model
+    assert resolve_weights("auto", cuda, torch.bfloat16, gguf) == "loaded"
+    assert resolve_weights("auto", cpu, torch.bfloat16, gguf) == "loaded"
+    assert resolve_weights("fp32", cuda, torch.bfloat16, None) == "loaded"  # the alias
     assert resolve_weights("int4", cpu, torch.float32, None) == "int4"  # asked for explicitly
-    with pytest.raises(ModelLoadError, match="auto, fp32, bf16, int4"):
+    with pytest.raises(ModelLoadError, match="auto, loaded, bf16, int4, fp32"):
         resolve_weights("int3", cpu, torch.float32, gguf)
     # the portable kernels are slower than float32 (docs/bench.md): a CPU with no vector
     # variant keeps the weights as loaded unless int4 is asked for
     monkeypatch.setenv("GROUPWISE_CPU_ISA", "scalar")
-    assert resolve_weights("auto", cpu, torch.float32, gguf) == "fp32"
+    assert resolve_weights("auto", cpu, torch.float32, gguf) == "loaded"
     assert resolve_weights("int4", cpu, torch.float32, gguf) == "int4"
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_weights_of_a_gguf_whose_linears_are_not_q4_1(tmp_path):
     from gguf import GGUFWriter
 
@@ -125,14 +129,14 @@ def test_auto_keeps_the_weights_of_a_gguf_whose_linears_are_not_q4_1(tmp_path):
     assert not has_q4_1_linears(path)
     assert has_q4_1_linears(embedded_gguf_path())
     gguf = GgufSource(path, tmp_path)
-    assert resolve_weights("auto", torch.device("cpu"), torch.float32, gguf) == "fp32"
+    assert resolve_weights("auto", torch.device("cpu"), torch.float32, gguf) == "loaded"
 
 
 @pytest.mark.slow
 def test_a_later_load_reads_the_packed_blocks_from_the_cache(tmp_path, monkeypatch):
     """The first int4 load of a GGUF packs its blocks once and keeps them beside the
     dequantized copy; a later load reads them, and neither reads the GGUF's tensors again."""
-    monkeypatch.setenv("GROUPWISE_CACHE", str(tmp_path))
+    monkeypatch.setattr(cache, "_directory", tmp_path)
     first = load_model(None, device="cpu")
     (packed,) = tmp_path.glob("models/*/int4-blocks-v*.safetensors")
     import gguf

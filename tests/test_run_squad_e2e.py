@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def server_url():
-    # fp32 weights: grouping is exactly invariant there (int4 can break rare near-ties)
-    with server_process("--csa", "off", "--weights", "fp32", startup_s=300) as (_, url):
+    # the weights as loaded (float32): grouping is exactly invariant there (int4 can break rare
+    # near-ties)
+    with server_process("--csa", "off", "--weights", "loaded", startup_s=300) as (_, url):
         yield url
 
 

@@ -55,6 +55,7 @@ def test_bad_flags_are_refused(flags, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_on_tiny_replicas_puts_the_same_work_through_every_routing(tmp_path, capsys):
     out = tmp_path / "scale.json"
     assert scale.main(["--server-args", "--model tiny-random --threads 1", "--contexts", "2",

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from model.prompts import encode_chat
+from server.prompts import encode_chat
 from tests.conftest import engine_answer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]

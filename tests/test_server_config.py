@@ -6,7 +6,9 @@ import socket
 
 import pytest
 
-from model.head.group_head import CheckpointMismatchError, GroupHead, GroupHeadConfig
+from model import cache
+from model.head.files import CheckpointMismatchError
+from model.head.group_head import GroupHead, GroupHeadConfig
 from model.weights.loading import weights_signature
 from server.__main__ import main
 from server.app import create_app
@@ -44,7 +46,10 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [
-        ([], {"GROUPWISE_PORT": "eighty"}, "GROUPWISE_PORT: cannot read 'eighty'"),
+        ([], {"GROUPWISE_PORT": "eighty"},
+         "--port (GROUPWISE_PORT): cannot read 'eighty' as an integer"),
+        (["--playground", "maybe"], {},
+         "--playground (GROUPWISE_PLAYGROUND): cannot read 'maybe' as on or off"),
         (["--port", "70000"], {}, "--port (GROUPWISE_PORT): must be in 0..65535, got 70000"),
         (["--max-group-size", "0"], {},
          "--max-group-size (GROUPWISE_MAX_GROUP_SIZE): must be >= 1"),
@@ -53,7 +58,7 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         ([], {"GROUPWISE_THREADS": "0"}, "--threads (GROUPWISE_THREADS): must be >= 1"),
         (["--kv-cache-mb", "0"], {}, "--kv-cache-mb (GROUPWISE_KV_CACHE_MB): must be > 0"),
         (["--weights", "int3"], {},
-         "--weights (GROUPWISE_WEIGHTS): must be one of auto, fp32, bf16, int4"),
+         "--weights (GROUPWISE_WEIGHTS): must be one of auto, loaded, bf16, int4, fp32"),
         (["--max-prefill-tokens", "0"], {},
          "--max-prefill-tokens (GROUPWISE_MAX_PREFILL_TOKENS): must be >= 1"),
         (["--csa-scope", "some"], {},
@@ -78,7 +83,7 @@ def test_a_comma_separated_api_key_is_one_tenant_per_key():
 
 def test_main_exits_2_on_a_bad_setting(capsys):
     assert main(["--port", "x"]) == 2
-    assert "--port: cannot read 'x'" in capsys.readouterr().err
+    assert "--port (GROUPWISE_PORT): cannot read 'x'" in capsys.readouterr().err
 
 
 def test_csa_path_resolution(tmp_path):
@@ -114,4 +119,29 @@ def test_matching_checkpoint_is_loaded(tiny_model, tmp_path):
 def test_missing_checkpoint_directory_stops_start_up(tmp_path, capsys):
     missing = tmp_path / "nothing-here"
     assert main(["--model", "tiny-random", "--csa", str(missing)]) == 2
-    assert f"--csa (GROUPWISE_CSA): no CSA checkpoint at {missing}" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "--csa (GROUPWISE_CSA): must be auto, off or a CSA checkpoint directory" in said
+    assert f"{missing} holds no CSA checkpoint" in said
+    assert main(["--model", "tiny-random", "--csa", "maybe"]) == 2
+    assert "must be auto, off or" in capsys.readouterr().err
+
+
+def test_every_flag_shows_its_default_and_its_variable_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option in OPTIONS:
+        assert f"(default: {option.default}; env {option.env})" in shown, option.flag
+    assert "(default: 127.0.0.1; env GROUPWISE_HOST)" in shown
+    assert "(default: 1024 on cpu, 8192 on cuda, at most 16 full contexts;" in shown
+
+
+def test_the_cache_directory_is_a_setting_passed_inward(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "_directory", cache.cache_dir())  # loading moves it: put it back
+    assert Settings.from_sources([], environ={"GROUPWISE_CACHE": str(tmp_path)}).cache == str(
+        tmp_path)
+    create_app(Settings(model="tiny-random", csa="off", cache=str(tmp_path)),
+               loaded_model=tiny_model)
+    assert cache.cache_dir() == tmp_path
+    create_app(Settings(model="tiny-random", csa="off"), loaded_model=tiny_model)
+    assert cache.cache_dir() == cache.DEFAULT_CACHE_DIR

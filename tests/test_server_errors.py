@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from model.prompts import encode_chat
+from server.prompts import encode_chat
 
 USER = [{"role": "user", "content": "Hello"}]
 
@@ -30,8 +30,8 @@ def assert_error(response, status: int, param=None, code=None, says=""):
 
 
 @pytest.fixture
-def server(start_server):
-    return start_server()
+def server(shared_server):
+    return shared_server
 
 
 # --- 400 -------------------------------------------------------------------------------------
@@ -45,6 +45,9 @@ def test_invalid_json_is_400(server, path):
     as_text = {"content-type": "text/plain"}
     assert_error(post(server, path, content=b'{"messages": []}', headers=as_text), 400, None,
                  says="Content-Type: application/json")
+    untyped = httpx.post(server.v1 + path, content=b'{"messages": []}')  # no Content-Type
+    assert "content-type" not in untyped.request.headers
+    assert_error(untyped, 400, None, says="Content-Type: application/json")
 
 
 @pytest.mark.parametrize(
@@ -201,7 +204,7 @@ def test_api_key_guards_every_v1_route(start_server):
 
 def test_a_request_that_could_never_fit_the_kv_cache_is_400(start_server):
     server = start_server(kv_cache_mb=0.05)  # about 100 tokens of the tiny model
-    capacity = server.app.state.services.engine.pool.capacity
+    capacity = server.app.state.services.model.limits.kv_capacity
     payload = {"messages": USER, "max_tokens": capacity}
     assert_error(post(server, "/chat/completions", payload), 400, "max_tokens", says="KV cache")
     grouped = {"context": "c" * 20, "questions": ["q"] * 4, "max_tokens": capacity // 4}
@@ -289,7 +292,7 @@ def test_the_key_is_checked_before_the_body_is_read(start_server):
 
 def test_text_too_long_for_any_prompt_is_refused_before_tokenizing(server, tiny_model):
     services = server.app.state.services
-    too_many = services.engine.max_context * services.max_token_chars + 1
+    too_many = services.model.limits.max_context * services.model.prompts.max_token_chars + 1
     message = [{"role": "user", "content": "z" * too_many}]
     error = assert_error(post(server, "/chat/completions", {"messages": message}), 400,
                          "messages", says="characters")

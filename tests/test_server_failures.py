@@ -78,8 +78,8 @@ def read_status(sock: socket.socket) -> int:
     return int(data.split(b" ", 2)[1])
 
 
-def scheduler_of(server):
-    return server.app.state.services.scheduler
+def dispatcher_of(server):
+    return server.app.state.services.dispatcher
 
 
 def counter(server, name: str, **labels) -> float:
@@ -91,12 +91,13 @@ def counter(server, name: str, **labels) -> float:
 
 def test_full_queue_is_429_and_a_queued_client_that_leaves_frees_its_slot(start_server,
                                                                           monkeypatch):
-    server = start_server(max_queue=1)
+    server = start_server(max_queue=2)
     gated = gate_engine(server, monkeypatch)
     running = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 2})
-    wait_until(lambda: gated.steps == 1)  # admitted by the engine, so no longer waiting
+    # admitted in the step now running; it counts as waiting until that step reports back
+    wait_until(lambda: gated.steps == 1)
     waiting = raw_post(server, "/chat/completions", {"messages": USER, "max_tokens": 2})
-    wait_until(lambda: scheduler_of(server).num_waiting == 1)
+    wait_until(lambda: dispatcher_of(server).num_waiting == 2)
     payload = {"context": "c", "questions": ["q"]}
     refused = post(server, "/grouped_completions", payload)
     assert_error(refused, 429, None, "queue_full", "queue is full")
@@ -106,7 +107,7 @@ def test_full_queue_is_429_and_a_queued_client_that_leaves_frees_its_slot(start_
     gated.gate.set()
     wait_until(lambda: counter(server, "groupwise:request_success_total",
                                finish_reason="abort") == 1)
-    wait_until(lambda: scheduler_of(server).num_waiting == 0)
+    wait_until(lambda: dispatcher_of(server).num_waiting == 0)
     assert read_status(running) == 200
     assert post(server, "/chat/completions", {"messages": USER, "max_tokens": 2}).is_success
 
@@ -133,7 +134,7 @@ def test_a_failed_step_fails_what_is_in_the_engine_and_the_server_goes_on(server
     later = threading.Thread(target=lambda: result.setdefault(
         "response", post(server, "/chat/completions", {"messages": USER, "max_tokens": 3})))
     later.start()
-    wait_until(lambda: scheduler_of(server).num_in_flight == 2)
+    wait_until(lambda: dispatcher_of(server).num_in_flight == 2)
     gated.gate.set()
     assert read_status(doomed) == 500
     later.join(30)
@@ -182,7 +183,7 @@ def test_client_leaving_mid_stream_leaves_its_group_undisturbed(start_server, ti
             "group_id": "pair"}
     thread = threading.Thread(target=lambda: result.setdefault("text", stream_text(server, stay)))
     thread.start()
-    wait_until(lambda: scheduler_of(server).queue.num_waiting == 1)
+    wait_until(lambda: dispatcher_of(server).queue.num_waiting == 1)
     leave = {**stay, "messages": leaver, "max_tokens": 1000}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=leave, timeout=60) as r:
         received = 0

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from tests.test_server_errors import USER
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = 120
 # any JSON value, kept small
 JSON = st.recursive(

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from model.engine.grouped_engine import shared_prefix_length
-from model.prompts import ANSWER_SYSTEM_PROMPT, encode_chat, extract_answer, question_messages
+from model.engine.limits import shared_prefix_length
+from server.prompts import ANSWER_SYSTEM_PROMPT, encode_chat, extract_answer, question_messages
 
 CONTEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. "
            "The basin spans nine nations and about seven million square kilometres.")

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.squad import SELECTION_FILE
-from model.prompts import question_messages
+from server.prompts import question_messages
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +67,7 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not exposed")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_cleanly():
     env = {"GROUPWISE_MAX_GROUP_SIZE": "2", "GROUPWISE_MAX_WAIT_MS": "60000",
            "GROUPWISE_REPLICA_NAME": "replica-from-env"}
@@ -99,11 +100,11 @@ def test_sigterm_drains_then_exits_cleanly():
 @pytest.mark.slow
 def test_embedded_model_end_to_end():
     """The default model behind a real process: a grouped request and the same questions as
-    chat requests give the same answers (CSA off, greedy, fp32 weights: the format in which
+    chat requests give the same answers (CSA off, greedy, float32 weights: the format in which
     grouping is exactly invariant)."""
     context = json.loads(SELECTION_FILE.read_text())["contexts"][0]
     questions = [q["question"] for q in context["questions"][:2]]
-    with server_process("--csa", "off", "--weights", "fp32", "--threads", "1",
+    with server_process("--csa", "off", "--weights", "loaded", "--threads", "1",
                         startup_s=300) as (process, url):
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct"]
@@ -124,6 +125,7 @@ def test_embedded_model_end_to_end():
 
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_ends_in_flight_requests_with_an_error_and_exits():
     with server_process("--model", "tiny-random", "--threads", "1") as (process, url):
         payload = {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 4000,

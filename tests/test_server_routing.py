@@ -8,8 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from model.prompts import encode_chat
 from server.app import begin_drain
+from server.prompts import encode_chat
 from tests.test_server_errors import assert_error, post
 
 MESSAGES = [{"role": "system", "content": "A passage."}, {"role": "user", "content": "Why?"}]

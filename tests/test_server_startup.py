@@ -108,7 +108,8 @@ def test_a_failed_load_turns_health_to_failed(serve, monkeypatch):
         (["--help"], 0, ""),
         (["--mistyped-flag"], 2, "unrecognized arguments: --mistyped-flag"),
         (["--port", "70000"], 2, "--port (GROUPWISE_PORT): must be in 0..65535, got 70000"),
-        (["--csa", "no/such/checkpoint"], 2, "--csa (GROUPWISE_CSA): no CSA checkpoint at"),
+        (["--csa", "no/such/checkpoint"], 2,
+         "--csa (GROUPWISE_CSA): must be auto, off or a CSA checkpoint directory"),
         (["--model", "missing.gguf"], 2, "--model (GROUPWISE_MODEL): GGUF file not found"),
     ],
 )

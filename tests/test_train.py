@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from bench import engine_bench
+from model import cache
 from model.forward.decoder import DecoderForward
+from model.head.files import shipped_checkpoint
 from model.head.group_head import (
     CheckpointMismatchError,
     GroupHead,
     GroupHeadConfig,
     read_checkpoint_config,
 )
-from model.head.shipped import shipped_checkpoint
 from model.weights.tiny import build_tiny_model
 from train.__main__ import main as train_main
 from train.data import Passage, Question, make_examples, read_squad
@@ -167,10 +168,11 @@ def test_read_squad_keeps_passages_and_answers(tmp_path):
 
 
 def test_smoke_training_run_lowers_the_loss(tmp_path, monkeypatch):
-    monkeypatch.setenv("GROUPWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_directory", cache.cache_dir())  # the run moves it: put it back
     squad_file(tmp_path / "train.json", PASSAGES * 4)
     out = tmp_path / "csa"
     metrics = train_main([
+        "--cache", str(tmp_path / "cache"),
         "--model", "tiny-random", "--train", str(tmp_path / "train.json"), "--out", str(out),
         "--heldout", "3", "--max-steps", "20", "--epochs", "20", "--batch-tokens", "64",
         "--lr", "3e-2", "--csa-lr", "3e-2", "--adapter-rank", "4", "--head-mlp", "16",
@@ -259,8 +261,8 @@ def test_shipped_checkpoints_are_small_and_describe_themselves():
 def test_shipped_checkpoint_loads_on_the_embedded_model_and_keeps_g1_answers():
     from model.engine.grouped_engine import GroupedEngine, Member
     from model.engine.sampling import SamplingParams
-    from model.prompts import encode_chat, extract_answer, question_messages
     from model.weights.loading import load_model, weights_signature
+    from server.prompts import encode_chat, extract_answer, question_messages
 
     loaded = load_model()
     signature = weights_signature(loaded.model)

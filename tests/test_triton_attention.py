@@ -10,6 +10,8 @@ import torch
 from model.forward import triton_attention
 from model.forward.attention import AttentionPlan, Span, attend_with_torch
 
+pytestmark = pytest.mark.slow
+
 HEADS, KV_HEADS, SLOTS = 14, 2, 900  # seven query heads share each kv head, as in Qwen2.5-7B
 
 

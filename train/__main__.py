@@ -22,13 +22,15 @@ controls (base, adapter alone, CSA + adapter) run on the bench selection as
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from bench.squad import DATA_DIR
-from model.head.shipped import CHECKPOINT_DIR, SHIPPED
+from model.cache import use_cache_dir
+from model.head.files import CHECKPOINT_DIR, SHIPPED
 from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES
 from model.weights.loading import load_model, weights_fingerprint, weights_signature
 from train.data import make_examples, read_squad, split_passages
@@ -46,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
+    parser.add_argument("--cache", default=os.environ.get("GROUPWISE_CACHE"),
+                        help="where what is built once is kept: converted models, the CPU "
+                        "kernels, the training features (default: GROUPWISE_CACHE, else "
+                        "~/.cache/groupwise)")
     parser.add_argument("--train", default=str(DEFAULT_TRAIN),
                         help="SQuAD v1.1 train JSON (default: the shipped 11-article slice)")
     parser.add_argument("--out", default=None, help="checkpoint dir (default: the shipped one)")
@@ -121,6 +127,7 @@ def print_table(title: str, results: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     began = time.perf_counter()
+    use_cache_dir(args.cache)
     loaded = load_model(args.model, threads=args.threads, weights=args.weights)
     out = output_dir(args, loaded.name)
     paths = {"adapter-only": Path(f"{out}{ADAPTER_SUFFIX}"), "csa+adapter": out}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.prompts import encode_chat, question_messages
+from server.prompts import encode_chat, question_messages
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from bench import engine_bench
 from bench.squad import QUESTIONS_PER_CONTEXT, Group, make_groups, score_answer
-from model.engine.grouped_engine import GroupedEngine, Member
-from model.engine.sampling import SamplingParams
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.interface import Member, SamplingParams
 from model.head.group_head import GroupHead
-from model.prompts import encode_chat, question_messages
+from server.prompts import encode_chat, question_messages
 from train.data import Passage
 
 BENCH_GROUP_SIZES = "1,5"

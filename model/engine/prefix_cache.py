@@ -22,16 +22,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from model.engine.kv_pool import SlotAllocator
+from model.engine.slots import SlotAllocator
 
 _serials = itertools.count()
 
 
-class Job:
+class Job(Protocol):
     """Something that fills pending nodes; `is_done` once their KV is in the pool."""
 
-    is_done: bool = False
+    @property
+    def is_done(self) -> bool: ...
 
 
 @dataclass(eq=False)
@@ -146,6 +148,7 @@ class PrefixCache:
         return True
 
     def _remove(self, node: Node) -> None:
+        assert node.parent is not None, "a root is never removed"
         del node.parent.children[node.tokens[0]]
         self.slots.free(node.start, len(node.tokens))
         self.num_cached_tokens -= len(node.tokens)
@@ -155,6 +158,7 @@ class PrefixCache:
         the lower part, so whoever holds it (a running group's leaf) still holds the deepest
         node of its path."""
         parent = node.parent
+        assert parent is not None, "a root is never split"
         upper = Node(node.tokens[:length], node.start, parent, parent.depth + length, node.job,
                      refs=node.refs, last_used=node.last_used)
         parent.children[upper.tokens[0]] = upper

@@ -1,46 +1,11 @@
-"""Per-request sampling: greedy or temperature / top-k / top-p with a per-request seed."""
+"""Per-request sampling: greedy or temperature / top-k / top-p with a per-request seed (the
+params themselves are in `model.engine.request`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as vLLM: dividing by them overflows
-SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as OpenAI's seed
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 96
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False  # generate until max_tokens (benchmarks), as vLLM's extension
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-    def problems(self) -> list[tuple[str, str]]:
-        """What is wrong with these params, as (field, reason) pairs (empty if valid)."""
-        found = []
-        if self.max_tokens < 1:
-            found.append(("max_tokens", f"must be at least 1, got {self.max_tokens}"))
-        if self.temperature < 0:
-            found.append(("temperature", f"must be >= 0, got {self.temperature}"))
-        if not 0 < self.top_p <= 1:
-            found.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
-        if self.top_k < 0:
-            found.append(("top_k", f"must be >= 0, got {self.top_k}"))
-        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            found.append(("seed", f"must be a 64-bit signed integer, got {self.seed}"))
-        if any(not s for s in self.stop):
-            found.append(("stop", "stop strings must not be empty"))
-        return found
+from model.engine.request import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

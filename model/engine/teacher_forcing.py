@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from model.engine.grouped_engine import shared_prefix_length
 from model.engine.kv_pool import KVPool
+from model.engine.limits import shared_prefix_length
 from model.forward.attention import AttentionPlan, Span
 from model.forward.decoder import DecoderForward, StepInputs
 
@@ -22,7 +22,10 @@ def teacher_forced_states(forward: DecoderForward, groups: Sequence[Sequence[Seq
     prompts). Returns, sequence by sequence in order, the final normed hidden states of its
     last num_last[g][i] positions, [num_last[g][i], d]; position p's state predicts token p + 1."""
     device = forward.embed.weight.device
-    token_ids, positions, spans, outputs = [], [], [], []
+    token_ids: list[int] = []
+    positions: list[int] = []
+    spans: list[Span] = []
+    outputs: list[int] = []
     for sequences, lasts in zip(groups, num_last):
         # the prefix ends before any sequence's first wanted position
         prefix = min(shared_prefix_length(sequences),

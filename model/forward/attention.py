@@ -69,7 +69,7 @@ class SpanExtents:
         return self.starts, self.lengths, self.firsts, self.tokens
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one step's plan, known by its identity
 class AttentionPlan:
     spans: tuple[Span, ...]  # in step order, covering every token; empty in a captured step
     scale: float
@@ -89,40 +89,52 @@ class AttentionPlan:
         """Tokens in the longest span after the decode rows (the Triton kernels' launch grid)."""
         return max((span.n for span in self.spans[self.num_decode_rows :]), default=0)
 
-    @functools.cached_property
-    def single_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For torch's path, the one-token spans (decode rows) in one padded batch: (their
-        step offsets [R], key slots [R, L], additive mask [R, 1, 1, L])."""
-        singles = [span for span in self.spans if span.n == 1]
-        if not singles:
-            return None
-        slots = [_slots(span.extents_of(0)) for span in singles]
-        width = max(len(s) for s in slots)
-        index = torch.zeros(len(slots), width, dtype=torch.long)
-        mask = torch.full((len(slots), width), float("-inf"))
-        for row, row_slots in enumerate(slots):
-            index[row, : len(row_slots)] = torch.tensor(row_slots)
-            mask[row, : len(row_slots)] = 0
-        offsets = torch.tensor([span.offset for span in singles])
-        return (offsets.to(self.device), index.to(self.device),
-                mask[:, None, None, :].to(self.device))
 
-    @functools.cached_property
-    def chunks(self) -> tuple[tuple[Span, torch.Tensor, torch.Tensor], ...]:
-        """For torch's path, each prefill chunk with its keys gathered once (context, then its
-        own) and a mask [n, L] letting token i see the context and its own keys up to itself."""
-        prepared = []
-        for span in self.spans:
-            if span.n == 1:
-                continue
-            key_index = torch.tensor(_slots(span.extents_of(span.n - 1)))
-            num_context = int(key_index.shape[0]) - span.own_before - span.n
-            query_pos = torch.arange(span.n)[:, None] + span.own_before
-            key_pos = torch.arange(span.own_before + span.n)[None, :]
-            mask = torch.cat([torch.ones(span.n, num_context, dtype=torch.bool),
-                              key_pos <= query_pos], dim=1)
-            prepared.append((span, key_index.to(self.device), mask.to(self.device)))
-        return tuple(prepared)
+@dataclass(frozen=True)
+class TorchGather:
+    """What torch's path gathers for a step, once for all its layers: the one-token spans
+    (decode rows) in one padded batch, (their step offsets [R], key slots [R, L], additive mask
+    [R, 1, 1, L]); and each prefill chunk with its keys (context, then its own) and a mask
+    [n, L] letting token i see the context and its own keys up to itself."""
+
+    singles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    chunks: tuple[tuple[Span, torch.Tensor, torch.Tensor], ...]
+
+
+@functools.lru_cache(maxsize=4)  # a plan is one step's: its layers ask for the same gather
+def torch_gather(plan: AttentionPlan) -> TorchGather:
+    return TorchGather(_gather_singles(plan), _gather_chunks(plan))
+
+
+def _gather_singles(plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    singles = [span for span in plan.spans if span.n == 1]
+    if not singles:
+        return None
+    slots = [_slots(span.extents_of(0)) for span in singles]
+    width = max(len(s) for s in slots)
+    index = torch.zeros(len(slots), width, dtype=torch.long)
+    mask = torch.full((len(slots), width), float("-inf"))
+    for row, row_slots in enumerate(slots):
+        index[row, : len(row_slots)] = torch.tensor(row_slots)
+        mask[row, : len(row_slots)] = 0
+    offsets = torch.tensor([span.offset for span in singles])
+    return (offsets.to(plan.device), index.to(plan.device),
+            mask[:, None, None, :].to(plan.device))
+
+
+def _gather_chunks(plan: AttentionPlan) -> tuple[tuple[Span, torch.Tensor, torch.Tensor], ...]:
+    prepared = []
+    for span in plan.spans:
+        if span.n == 1:
+            continue
+        key_index = torch.tensor(_slots(span.extents_of(span.n - 1)))
+        num_context = int(key_index.shape[0]) - span.own_before - span.n
+        query_pos = torch.arange(span.n)[:, None] + span.own_before
+        key_pos = torch.arange(span.own_before + span.n)[None, :]
+        mask = torch.cat([torch.ones(span.n, num_context, dtype=torch.bool),
+                          key_pos <= query_pos], dim=1)
+        prepared.append((span, key_index.to(plan.device), mask.to(plan.device)))
+    return tuple(prepared)
 
 
 def attend_with_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -130,15 +142,16 @@ def attend_with_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """q: [T, Hq, D] (rotated) for the step's tokens, whose keys and values are already in the
     pool; keys / values: [Hkv, slots, D] of one layer. Returns [T, Hq, D]."""
     out = torch.empty_like(q)
-    if plan.single_tokens is not None:
-        offsets, index, mask = plan.single_tokens
+    gather = torch_gather(plan)
+    if gather.singles is not None:
+        offsets, index, mask = gather.singles
         row_keys = keys[:, index].transpose(0, 1)  # [R, Hkv, L, D]
         row_values = values[:, index].transpose(0, 1)
         attended = F.scaled_dot_product_attention(
             q[offsets].unsqueeze(2), row_keys, row_values, attn_mask=mask.to(q.dtype),
             scale=plan.scale, enable_gqa=True)
         out[offsets] = attended.squeeze(2)
-    for span, key_index, mask in plan.chunks:
+    for span, key_index, mask in gather.chunks:
         chunk_q = q[span.offset : span.offset + span.n].transpose(0, 1).unsqueeze(0)
         attended = F.scaled_dot_product_attention(
             chunk_q, keys[:, key_index].unsqueeze(0), values[:, key_index].unsqueeze(0),

@@ -70,7 +70,9 @@ class CpuKernels(TorchOps):
         self.kernels = kernels
 
     def attend(self, q, keys, values, plan) -> torch.Tensor:
-        return self.kernels.attend_spans(q, keys, values, *plan.extents.as_tuple(), plan.scale)
+        extents = plan.extents
+        return self.kernels.attend_spans(q, keys, values, extents.starts, extents.lengths,
+                                         extents.firsts, extents.tokens, plan.scale)
 
     def norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         return self.kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
@@ -114,8 +116,9 @@ class TritonKernels(TorchOps):
 def ops_for(x: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
             gated_silu: bool) -> TorchOps:
     """The fastest backend that runs a step whose activations are x."""
-    if cpu_kernels.usable_for(x, head_dim):
-        return CpuKernels(num_heads, num_kv_heads, head_dim, cpu_kernels.for_isa())
+    kernels = cpu_kernels.for_isa()
+    if kernels is not None and cpu_kernels.usable_for(x, head_dim):
+        return CpuKernels(num_heads, num_kv_heads, head_dim, kernels)
     if x.is_cuda and triton_available():
         return TritonKernels(num_heads, num_kv_heads, head_dim, gated_silu)
     return TorchOps(num_heads, num_kv_heads, head_dim)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from model.native import FLOAT, INT, INT64, POINTER, build_library, chosen_isa
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-SIGNATURES = {  # function -> (argument types, return type)
+SIGNATURES: dict[str, tuple[list[Any], Any]] = {  # function -> (argument types, return type)
     "attend_spans": ([POINTER] * 8 + [INT64] * 5 + [FLOAT, INT], INT),
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),

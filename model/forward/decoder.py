@@ -60,9 +60,10 @@ class StepInputs:
         extents = self.plan.extents
         parts = [self.token_ids, self.positions, self.slots, self.output_index,
                  *extents.as_tuple()]
-        moved = torch.cat(parts).to(device).split([len(part) for part in parts])
-        plan = replace(self.plan, extents=SpanExtents(*moved[4:]))
-        return StepInputs(*moved[:3], plan, moved[3])
+        token_ids, positions, slots, output_index, *extent_parts = torch.cat(parts).to(
+            device).split([len(part) for part in parts])
+        plan = replace(self.plan, extents=SpanExtents(*extent_parts))
+        return StepInputs(token_ids, positions, slots, plan, output_index)
 
 
 @dataclass(frozen=True)
@@ -146,5 +147,6 @@ class DecoderForward:
             x, h = ops.add_norm(x, block.o_proj(out.reshape(x.shape[0], -1)), block.post_norm)
             gate, up = block.gate_up(h)
             delta = block.down_proj(ops.gated(gate, up, block.act_fn))
+        assert delta is not None, "a decoder has layers"
         x = x[step.output_index] + delta[step.output_index]
         return ops.norm(x, self.norm)

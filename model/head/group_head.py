@@ -36,17 +36,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.head.files import CONFIG_FILE, WEIGHTS_FILE
+from model.head.files import CONFIG_FILE, WEIGHTS_FILE, CheckpointMismatchError
 
 # the layers of cross-sequence attention and its gate (the rest of a head is the adapter)
 CROSS_ATTENTION_LAYERS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "norm_h", "norm_a", "gate_in", "gate_out",
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was made for another base model. Messages call checkpoints "CSA
-    checkpoints", the name the `--csa` option gives them."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +70,6 @@ def read_checkpoint_config(directory: str | Path) -> tuple[GroupHeadConfig, dict
         raise FileNotFoundError(f"no CSA checkpoint at {directory} (missing {CONFIG_FILE})")
     fields = json.loads(path.read_text())
     meta = fields.pop("meta", {})
-    # checkpoints written before signatures hold an exact hash of the fp32 weights instead,
-    # which no other dtype could match: such a checkpoint is checked by its hidden size alone
-    fields.pop("base_fingerprint", None)
     fields["base_signature"] = tuple(fields.get("base_signature", ()))
     return GroupHeadConfig(**fields), meta
 
@@ -188,7 +180,7 @@ class GroupHead(nn.Module):
 
     def head_delta(self, h: torch.Tensor) -> torch.Tensor | None:
         """Low-rank logits correction [B, vocab], or None without an adapter."""
-        if self.adapter_down is None:
+        if self.adapter_down is None or self.adapter_up is None:
             return None
         return self.adapter_up(self.adapter_down(h))
 

@@ -1,5 +1,6 @@
-"""Weight formats: the loaded model's linear layers in bf16, or in int4 built from a GGUF's own
-Q4_1 blocks; on a GPU, the weights as loaded with q / k / v and gate / up stacked.
+"""Weight formats: the loaded model's linear layers as loaded, with q / k / v and gate / up
+stacked into one matmul each on a GPU; or, on a CPU, in bf16, or in int4 built from a GGUF's own
+Q4_1 blocks.
 
 The CPU decode step is bound by reading weights, so smaller weights make it faster. int4 keeps
 the Q4_1 blocks (32 weights w = d * q + m, fp16 d and m, 4-bit q) as they are in the file, and
@@ -81,19 +82,21 @@ def int4_blocks_from_gguf(model: nn.Module, gguf_path: str | Path) -> dict[str, 
         raw = np.asarray(tensor.data)
         return unpermute_rows(raw, heads[gguf_name]) if gguf_name in heads else raw
 
-    blocks = {_block_name(g.index, g.gguf_names): pack_q4_1(
-        np.concatenate([q4_1_rows(g.index, name) for name in g.gguf_names]))
+    blocks = {_block_name(g.layer, g.gguf_names): pack_q4_1(
+        np.concatenate([q4_1_rows(g.layer, name) for name in g.gguf_names]))
         for g in _linear_groups(model)}
     head = tensors.get("output.weight", tensors.get("token_embd.weight"))  # untied, or tied
-    q8_0 = head is not None and head.tensor_type.name == "Q8_0"
-    blocks[HEAD_BLOCKS] = int4_head_blocks(model, np.asarray(head.data) if q8_0 else None)
+    q8_0_rows = None
+    if head is not None and head.tensor_type.name == "Q8_0":
+        q8_0_rows = np.asarray(head.data)
+    blocks[HEAD_BLOCKS] = int4_head_blocks(model, q8_0_rows)
     return blocks
 
 
 def int4_blocks_quantized(model: nn.Module) -> dict[str, torch.Tensor]:
     """The int4 format's weights quantized here to Q4_1, packed for the kernel (for a model that
     comes without a GGUF); the LM head as `int4_head_blocks`."""
-    blocks = {_block_name(g.index, g.gguf_names): pack_q4_1(
+    blocks = {_block_name(g.layer, g.gguf_names): pack_q4_1(
         quantize_q4_1(torch.cat([linear.weight for linear in g.linears])))
         for g in _linear_groups(model)}
     blocks[HEAD_BLOCKS] = int4_head_blocks(model, None)
@@ -119,7 +122,9 @@ def use_int4_blocks(model: nn.Module, blocks: dict[str, torch.Tensor]) -> None:
         blocks[_block_name(index, names)], sum(linear.out_features for linear in linears),
         linears[0].in_features, _joined_bias(linears)))
     head = model.get_output_embeddings()
-    model.set_output_embeddings(Q8_0Linear(blocks[HEAD_BLOCKS], *head.weight.shape, head.bias))
+    out_features, in_features = head.weight.shape
+    model.set_output_embeddings(Q8_0Linear(blocks[HEAD_BLOCKS], out_features, in_features,
+                                           head.bias))
 
 
 HEAD_BLOCKS = "output"  # the LM head's name among the int4 blocks
@@ -226,7 +231,7 @@ FUSED_GROUPS = (
 class LinearGroup(NamedTuple):
     """Linears of one decoder layer computed together, as one module."""
 
-    index: int  # the layer's
+    layer: int  # the layer's index
     parent: nn.Module  # the module holding them
     gguf_names: tuple[str, ...]
     attributes: tuple[str, ...]
@@ -245,7 +250,7 @@ def _replace_linears(model: nn.Module, make) -> None:
     """`make(layer index, GGUF names, linears)` builds one module for the linears' rows
     stacked; several linears become slices of it."""
     for group in list(_linear_groups(model)):
-        fused = make(group.index, group.gguf_names, group.linears)
+        fused = make(group.layer, group.gguf_names, group.linears)
         if len(group.linears) == 1:
             setattr(group.parent, group.attributes[0], fused)
             continue

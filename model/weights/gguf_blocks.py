@@ -122,7 +122,7 @@ def unpack_packed_q4_1(packed: np.ndarray) -> np.ndarray:
     nibbles = packed[..., : 4 * 64].reshape(groups, blocks, 4, COLUMNS, 4)
     q = np.stack([nibbles & 0x0F, nibbles >> 4], axis=-1)  # pair, column, j, half
     q = q.transpose(0, 3, 1, 2, 5, 4).reshape(groups * COLUMNS, blocks, GROUP_SIZE)
-    d_m = packed[..., 4 * 64 :].copy().view(np.float16).astype(np.float32)
+    d_m: np.ndarray = packed[..., 4 * 64 :].copy().view(np.float16).astype(np.float32)
     d_m = d_m.reshape(groups, blocks, 2, COLUMNS).transpose(2, 0, 3, 1)
     d_m = d_m.reshape(2, groups * COLUMNS, blocks, 1)
     return (d_m[0] * q + d_m[1]).reshape(groups * COLUMNS, -1)
@@ -131,9 +131,10 @@ def unpack_packed_q4_1(packed: np.ndarray) -> np.ndarray:
 def unpack_packed_q8_0(packed: np.ndarray) -> np.ndarray:
     """`pack_q8_0`'s layout -> the weights [N padded to 16, K] fp32."""
     groups, blocks = packed.shape[:2]
-    q = packed[..., : 8 * 64].copy().view(np.int8).reshape(groups, blocks, 8, COLUMNS, 4)
+    q: np.ndarray = packed[..., : 8 * 64].copy().view(np.int8)
+    q = q.reshape(groups, blocks, 8, COLUMNS, 4)
     q = q.transpose(0, 3, 1, 2, 4).reshape(groups * COLUMNS, blocks, GROUP_SIZE)
-    d = packed[..., 8 * 64 : 8 * 64 + 2 * COLUMNS].copy().view(np.float16)
+    d: np.ndarray = packed[..., 8 * 64 : 8 * 64 + 2 * COLUMNS].copy().view(np.float16)
     d = d.astype(np.float32).transpose(0, 2, 1).reshape(groups * COLUMNS, blocks, 1)
     return (d * q).reshape(groups * COLUMNS, -1)
 

@@ -27,7 +27,7 @@ from transformers import (
 from model.cache import cache_dir
 from model.native import describe_isa
 from model.weights import block_matmul
-from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES, WEIGHT_FORMATS
+from model.weights.choices import AUTO_WEIGHTS, WEIGHT_ALIASES, WEIGHT_CHOICES, WEIGHT_FORMATS
 from model.weights.formats import (
     WeightFormatError,
     has_q4_1_linears,
@@ -73,7 +73,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str  # the id clients use in the `model` field
-    weights: str = "fp32"  # the format of its linear layers (model.weights.formats)
+    weights: str = "loaded"  # the format of its linear layers (model.weights.formats)
 
     @property
     def device(self) -> torch.device:
@@ -186,8 +186,8 @@ def _gguf_and_name(spec: str | None) -> tuple[Path | None, str]:
 
 def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
                     gguf: GgufSource | None) -> str:
-    """fp32: the weights as loaded (float32 on a CPU, --dtype on CUDA, where q / k / v and
-    gate / up are stacked into one matmul each). bf16 and int4 are CPU
+    """loaded (or fp32): the weights as loaded (float32 on a CPU, --dtype on CUDA, where q / k / v
+    and gate / up are stacked into one matmul each). bf16 and int4 are CPU
     formats (torch's fast kernels for them are the CPU ones); int4 comes from a GGUF's own Q4_1
     blocks when the model is one, else from quantizing the loaded weights. auto: int4 for a
     GGUF of Q4_1 linears on a CPU (the embedded model: no quantization beyond the file's own,
@@ -196,11 +196,12 @@ def resolve_weights(weights: str, device: torch.device, dtype: torch.dtype,
     CPU (`int4_pays`): the portable one is slower than float32."""
     if weights == AUTO_WEIGHTS:
         fast = device.type == "cpu" and dtype == torch.float32 and int4_pays()
-        return "int4" if fast and gguf is not None and gguf.has_q4_1_linears() else "fp32"
+        return "int4" if fast and gguf is not None and gguf.has_q4_1_linears() else "loaded"
+    weights = WEIGHT_ALIASES.get(weights, weights)
     if weights not in WEIGHT_FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}: use "
                              f"{', '.join(WEIGHT_CHOICES)}")
-    if weights != "fp32" and (device.type != "cpu" or dtype != torch.float32):
+    if weights != "loaded" and (device.type != "cpu" or dtype != torch.float32):
         raise ModelLoadError(f"--weights {weights} needs --device cpu and float32 (the rest of "
                              "the step runs in float32)")
     if weights == "int4" and block_matmul.for_isa() is None:
@@ -216,7 +217,7 @@ def int4_pays() -> bool:
 
 
 def apply_weights(model: PreTrainedModel, weights: str, gguf: GgufSource | None) -> None:
-    if weights == "fp32" and model.device.type == "cuda":
+    if weights == "loaded" and model.device.type == "cuda":
         use_stacked_linears(model)
     elif weights == "bf16":
         use_bf16_linears(model)

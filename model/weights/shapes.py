@@ -37,5 +37,5 @@ def build_random_model(shape: str, tokenizer: PreTrainedTokenizerBase, device: t
     finally:
         torch.set_default_dtype(default_dtype)
     model.eval().requires_grad_(False)
-    apply_weights(model, "fp32", None)
-    return LoadedModel(model, tokenizer, f"{shape}-random", "fp32")
+    apply_weights(model, "loaded", None)
+    return LoadedModel(model, tokenizer, f"{shape}-random", "loaded")

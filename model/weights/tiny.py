@@ -51,7 +51,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> TinyModel:
-    """Returns a namespace with `model` (fp32, eval mode) and `tokenizer`."""
+    """The tiny model (float32, eval mode, no gradients) and its tokenizer."""
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),

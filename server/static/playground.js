@@ -1,6 +1,7 @@
 // The groupwise playground. Ask sends the document and the questions as one streamed
 // /v1/grouped_completions request (or, one by one, as plain chat requests with the same
-// prompts), shows each answer as its chunks arrive, then the run's figures from the usage.
+// prompts), shows each answer as its chunks arrive, then the answer itself (the text in its
+// <answer> tags, the raw text a click away) and the run's figures from the usage.
 // Model text only ever goes into the page as text nodes, never parsed as HTML; the API key
 // lives in its input field and is sent as a header, nowhere else.
 "use strict";
@@ -20,7 +21,9 @@ const statusLine = $("status");
 const errorBox = $("error");
 const runsBody = document.querySelector("#runs tbody");
 
-let serverFacts = { model: null, api_key_required: false, chat_messages: null };
+let serverFacts = {
+  model: null, api_key_required: false, chat_messages: null, answer_pattern: null,
+};
 let inFlight = null; // the AbortController of the run being asked
 let runsSoFar = 0;
 
@@ -155,10 +158,14 @@ class Run {
     this.mode = mode;
     this.answers = rows.map((row) => ({
       text: row.querySelector(".answer"), meta: row.querySelector(".answer-meta"),
+      raw: row.querySelector(".raw"), rawText: row.querySelector(".raw-text"), streamed: "",
     }));
     for (const answer of this.answers) {
       answer.text.textContent = "";
       answer.meta.textContent = "";
+      answer.rawText.textContent = "";
+      answer.raw.hidden = true;
+      answer.raw.open = false;
       answer.text.setAttribute("aria-busy", "true");
     }
     this.billed = 0;
@@ -171,7 +178,18 @@ class Run {
   append(index, delta) {
     if (!delta) return;
     this.firstToken ??= performance.now() - this.started;
+    this.answers[index].streamed += delta;
     this.answers[index].text.append(delta); // a text node: markup stays text
+  }
+
+  // The answer in its tags takes the row; the raw text stays a click away. Without tags the
+  // raw text is all there is.
+  showAnswer(index, extracted) {
+    const answer = this.answers[index];
+    if (extracted === null || extracted === undefined || extracted === answer.streamed) return;
+    answer.text.textContent = extracted;
+    answer.rawText.textContent = answer.streamed;
+    answer.raw.hidden = false;
   }
 
   finish(index, finishReason, usage) {
@@ -204,7 +222,10 @@ async function askAsOneGroup(request, run, signal) {
   for await (const chunk of streamedEvents(response)) {
     for (const entry of chunk.answers) {
       run.append(entry.index, entry.delta);
-      if (entry.finish_reason) run.finish(entry.index, entry.finish_reason, entry.usage);
+      if (entry.finish_reason) {
+        run.showAnswer(entry.index, entry.answer);
+        run.finish(entry.index, entry.finish_reason, entry.usage);
+      }
     }
     if (chunk.usage) run.count(chunk.usage); // the last chunk: the whole request's usage
   }
@@ -215,6 +236,13 @@ function chatMessages(context, question) {
   return serverFacts.chat_messages.map(({ role, content }) => ({
     role, content: content.replace(/\{context\}|\{question\}/g, (slot) => slots[slot]),
   }));
+}
+
+// As the grouped API extracts `answer`, with the pattern the server uses (its config).
+function extractAnswer(text) {
+  if (!serverFacts.answer_pattern) return null;
+  const match = new RegExp(serverFacts.answer_pattern, "s").exec(text);
+  return match ? match[1].trim() : null;
 }
 
 async function askOneByOne(request, run, signal) {
@@ -233,6 +261,7 @@ async function askOneByOne(request, run, signal) {
           finishReason = choice.finish_reason || finishReason;
         }
         if (chunk.usage) {
+          run.showAnswer(index, extractAnswer(run.answers[index].streamed));
           run.finish(index, finishReason, chunk.usage);
           run.count(chunk.usage);
         }
