@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from bench.build_options import add_build_options, use_build_options
 from bench.squad import Group, load_selection, make_groups, score_answer
-from model.cache import use_cache_dir
 from model.engine.grouped_engine import GroupedEngine
 from model.engine.interface import Member, SamplingParams
 from model.head.files import shipped_checkpoint
@@ -161,12 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--cache", default=os.environ.get("GROUPWISE_CACHE"),
-                        help="where what is built once is kept: converted models, the CPU "
-                        "kernels (default: GROUPWISE_CACHE, else ~/.cache/groupwise)")
+    add_build_options(parser)
     args = parser.parse_args(argv)
 
-    use_cache_dir(args.cache)
+    use_build_options(args)
     loaded = load_model(args.model, args.device, args.dtype, args.threads, args.weights)
     csa, csa_label = build_csa(args.csa, loaded)
     engine = GroupedEngine(loaded.model, loaded.tokenizer, csa)

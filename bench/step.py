@@ -26,6 +26,7 @@ import time
 import torch
 from transformers import DynamicCache
 
+from bench.build_options import add_build_options, use_build_options
 from bench.squad import load_selection
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.request import Status
@@ -237,7 +238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto",
                         help="auto (float32 on a CPU, bfloat16 on a GPU), float32, bfloat16")
     parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
-                        help="auto (the server's default), fp32, bf16 or int4")
+                        help="auto (the server's default), loaded, bf16 or int4")
     parser.add_argument("--rows", default="1,8,32",
                         help="comma-separated batch sizes to time, each row a different "
                              "passage's question (default 1,8,32)")
@@ -252,11 +253,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="kernels per step and the GPU's busy share (CUDA)")
     parser.add_argument("--json", default=None, help="write the results here")
+    add_build_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    use_build_options(args)
     loaded = load(args)
     engine = GroupedEngine(loaded.model, loaded.tokenizer)
     sizes = [int(s) for s in args.rows.split(",")]

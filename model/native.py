@@ -6,9 +6,10 @@ the library is cached under the cache dir, keyed by its source, compiler, flags 
 Each source holds one variant per instruction set, chosen by the compiler's target: AVX-512
 (with VNNI), AVX2 (x86-64-v3: AVX2, FMA, F16C), NEON (AArch64, with the dot-product extension
 where the CPU has it) and portable scalar C. Every variant computes the same bits. The fastest
-one this CPU runs is built, unless GROUPWISE_CPU_ISA caps it (`avx512`, `avx2`, `neon`,
-`scalar`): then the fastest one up to the cap, so one AVX-512 machine runs and tests every x86
-variant. Like CC, the cap is build configuration, read where the compiler runs.
+one this CPU runs is built, unless a cap (`avx512`, `avx2`, `neon`, `scalar`) limits it: then
+the fastest one up to the cap, so one AVX-512 machine runs and tests every x86 variant. The cap
+is a setting of the process: the edge (the server's --cpu-isa, the benches' --cpu-isa, the
+tests; GROUPWISE_CPU_ISA) sets it once with `use_isa_cap`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ X86_ISAS = {
 NEON_FLAGS = ("-mcpu=native",)
 SCALAR_FLAGS = ("-DGROUPWISE_PORTABLE",)  # no target flags: portable C for any CPU
 ISAS = ("avx512", "avx2", "neon", "scalar")
-CAP_VARIABLE = "GROUPWISE_CPU_ISA"
+ISA_CHOICES = ("auto", *ISAS)  # what a cap may say; auto: no cap
+_cap = "auto"
 POINTER, INT64, FLOAT, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
@@ -70,28 +72,48 @@ def runnable_isas() -> tuple[str, ...]:
     return (*(isa for isa, (needs, _) in X86_ISAS.items() if needs <= features), "scalar")
 
 
+def use_isa_cap(cap: str | None) -> None:
+    """From now on, for the whole process; None or "": auto. Raises IsaError for a cap this CPU
+    cannot take."""
+    global _cap
+    _cap = check_isa_cap(cap or "auto")
+
+
+def isa_cap() -> str:
+    return _cap
+
+
+def check_isa_cap(cap: str) -> str:
+    """`cap`, lower-cased, if it caps this CPU's kernels; IsaError (naming what this CPU runs)
+    for an unknown one or one of another architecture."""
+    cap = cap.lower()
+    if cap == "auto" or cap in _family():
+        return cap
+    reason = (f"not an instruction set of this {platform.machine()} CPU" if cap in ISAS
+              else f"use one of {', '.join(ISA_CHOICES)}")
+    raise IsaError(f"{cap!r}: {reason} (this CPU runs {', '.join(runnable_isas())})")
+
+
 def chosen_isa(cap: str | None = None) -> str:
-    """The fastest instruction set this CPU runs, at most `cap` (default: GROUPWISE_CPU_ISA,
-    else `auto`). Raises IsaError for an unknown cap, or one of another architecture."""
-    cap = (cap or os.environ.get(CAP_VARIABLE) or "auto").lower()
+    """The fastest instruction set this CPU runs, at most `cap` (default: the process's cap)."""
+    cap = check_isa_cap(cap or _cap)
     runnable = runnable_isas()
     if cap == "auto":
         return runnable[0]
-    family = ("neon", "scalar") if _is_arm() else ("avx512", "avx2", "scalar")
-    if cap not in family:
-        known = cap in ISAS
-        raise IsaError(f"{CAP_VARIABLE}={cap}: " + (
-            f"not an instruction set of this {platform.machine()} CPU" if known
-            else f"use auto, {', '.join(ISAS)}") + f" (this CPU runs {', '.join(runnable)})")
+    family = _family()
     allowed = family[family.index(cap):]
     return next(isa for isa in runnable if isa in allowed)
+
+
+def _family() -> tuple[str, ...]:
+    """The instruction sets of this CPU's architecture, fastest first."""
+    return ("neon", "scalar") if _is_arm() else ("avx512", "avx2", "scalar")
 
 
 def describe_isa() -> str:
     """The chosen instruction set, for logs and reports: `avx2 (of avx2, scalar)`, and the cap
     when one is set."""
-    cap = os.environ.get(CAP_VARIABLE)
-    capped = f", {CAP_VARIABLE}={cap}" if cap and cap.lower() != "auto" else ""
+    capped = f", capped at {_cap}" if _cap != "auto" else ""
     return f"{chosen_isa()} (of {', '.join(runnable_isas())}{capped})"
 
 

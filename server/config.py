@@ -22,11 +22,14 @@ from typing import Any, NamedTuple
 from model.engine.interface import (
     AUTO_WEIGHTS,
     DECODE_GRAPH_ROWS,
+    ISA_CHOICES,
     KV_CACHE_MB,
     MAX_PREFILL_TOKENS,
     POOL_CONTEXTS,
     WEIGHT_CHOICES,
     EngineOptions,
+    IsaError,
+    check_isa_cap,
     describe_per_device,
 )
 from model.head.files import CONFIG_FILE
@@ -67,6 +70,7 @@ class Settings:
     replica_name: str = field(default_factory=socket.gethostname)
     playground: bool = True  # the browser page at /playground (/ redirects to it)
     cache: str | None = None  # where built things are kept; None: ~/.cache/groupwise
+    cpu_isa: str = "auto"  # the most the CPU kernels may use; auto: all this CPU runs
 
     def __post_init__(self):
         _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
@@ -94,6 +98,10 @@ class Settings:
                  f"must be one of {', '.join(CSA_SCOPES)}, got {self.csa_scope!r}")
         _require(self.api_key is None or all(self.api_keys), "api_key",
                  "must not hold an empty key (check for stray commas)")
+        try:
+            check_isa_cap(self.cpu_isa)
+        except IsaError as exc:
+            _require(False, "cpu_isa", str(exc))
 
     def check_files(self) -> None:
         """The files the settings name exist: checked before the model loads, so a mistyped
@@ -239,6 +247,9 @@ OPTIONS = (
     Option("cache", "--cache", "GROUPWISE_CACHE", _optional_text, "a directory",
            "where what is built once is kept: the converted embedded model, the CPU kernels",
            unset="~/.cache/groupwise"),
+    Option("cpu_isa", "--cpu-isa", "GROUPWISE_CPU_ISA", str, "an instruction set",
+           "the most the CPU kernels may use: " + ", ".join(ISA_CHOICES) + " (auto: all this "
+           "CPU runs); a cap never raises"),
 )
 
 

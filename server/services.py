@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.engine.interface import Engine, EngineLimits, open_engine, use_cache_dir
+from model.engine.interface import (
+    Engine,
+    EngineLimits,
+    open_engine,
+    use_cache_dir,
+    use_isa_cap,
+)
 from model.head.files import shipped_checkpoint
 from server.config import CSA_AUTO, Settings
 from server.dispatcher import Dispatcher
@@ -59,6 +65,7 @@ class Services:
         be loaded or a checkpoint that does not fit it."""
         settings = self.settings
         use_cache_dir(settings.cache)
+        use_isa_cap(settings.cpu_isa)
         if loaded is None:
             log.info("loading the model (%s); until it is loaded /health answers 503",
                      settings.model or "the embedded one")

@@ -39,7 +39,7 @@ import uvicorn
 
 from model.engine.grouped_engine import GroupedEngine, Member
 from model.engine.sampling import SamplingParams
-from model.native import CAP_VARIABLE, runnable_isas
+from model.native import isa_cap, runnable_isas, use_isa_cap
 from model.weights.loading import LoadedModel, load_model
 from model.weights.tiny import TinyModel, build_tiny_model
 from server.prompts import encode_chat
@@ -49,6 +49,9 @@ from server.prompts import encode_chat
 # faster on the 2-core development machine. (Servers and benches the tests start as processes
 # keep torch's default.)
 torch.set_num_threads(1)
+# GROUPWISE_CPU_ISA caps the CPU kernels of the whole run, as it caps a server's: on an AVX-512
+# machine, `GROUPWISE_CPU_ISA=avx2 make test` runs the suite as an AVX2 machine would
+use_isa_cap(os.environ.get("GROUPWISE_CPU_ISA"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -80,11 +83,21 @@ def isa(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def capped_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """`isa`, with GROUPWISE_CPU_ISA capped to it for the test: what loads in it runs that
+def capped_isa(isa: str) -> Iterator[str]:
+    """`isa`, with the CPU kernels capped to it for the test: what loads in it runs that
     variant."""
-    monkeypatch.setenv(CAP_VARIABLE, isa)
-    return isa
+    with isa_capped(isa):
+        yield isa
+
+
+@contextmanager
+def isa_capped(cap: str) -> Iterator[None]:
+    previous = isa_cap()
+    use_isa_cap(cap)
+    try:
+        yield
+    finally:
+        use_isa_cap(previous)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from model.weights.loading import (
     resolve_weights,
 )
 from server.prompts import encode_chat, question_messages
+from tests.conftest import isa_capped
 from tests.test_engine import CONTEXTS, QUESTIONS, reference_greedy
 
 
@@ -96,8 +97,7 @@ def test_int4_from_the_embedded_gguf_matches_its_dequantized_weights():
 
 
 @pytest.mark.slow
-def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu_with_vector_kernels(
-        tmp_path, monkeypatch):
+def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu_with_vector_kernels(tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     gguf = GgufSource(embedded_gguf_path(), tmp_path)
     assert resolve_weights("auto", cpu, torch.float32, gguf) == "int4"
@@ -108,11 +108,11 @@ def test_auto_weights_are_int4_only_for_a_q4_1_gguf_on_a_cpu_with_vector_kernels
     assert resolve_weights("int4", cpu, torch.float32, None) == "int4"  # asked for explicitly
     with pytest.raises(ModelLoadError, match="auto, loaded, bf16, int4, fp32"):
         resolve_weights("int3", cpu, torch.float32, gguf)
-    # the portable kernels are slower than float32 (docs/bench.md): a CPU with no vector
-    # variant keeps the weights as loaded unless int4 is asked for
-    monkeypatch.setenv("GROUPWISE_CPU_ISA", "scalar")
-    assert resolve_weights("auto", cpu, torch.float32, gguf) == "loaded"
-    assert resolve_weights("int4", cpu, torch.float32, gguf) == "int4"
+    # the portable kernels are slower than float32 (docs/cpu.md): a CPU with no vector variant
+    # keeps the weights as loaded unless int4 is asked for
+    with isa_capped("scalar"):
+        assert resolve_weights("auto", cpu, torch.float32, gguf) == "loaded"
+        assert resolve_weights("int4", cpu, torch.float32, gguf) == "int4"
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import socket
 
 import pytest
 
-from model import cache
+from model import cache, native
 from model.head.files import CheckpointMismatchError
 from model.head.group_head import GroupHead, GroupHeadConfig
 from model.weights.loading import weights_signature
@@ -14,6 +16,8 @@ from server.__main__ import main
 from server.app import create_app
 from server.config import OPTIONS, Settings, SettingsError
 from server.services import csa_path
+
+FOREIGN_ISA = "avx2" if platform.machine().lower() in ("aarch64", "arm64") else "neon"
 
 
 def test_defaults():
@@ -64,6 +68,10 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         (["--csa-scope", "some"], {},
          "--csa-scope (GROUPWISE_CSA_SCOPE): must be one of grouped, all"),
         (["--api-key", "a,,b"], {}, "--api-key (GROUPWISE_API_KEY): must not hold an empty key"),
+        ([], {"GROUPWISE_CPU_ISA": "avx3"},
+         "--cpu-isa (GROUPWISE_CPU_ISA): 'avx3': use one of auto, avx512, avx2, neon, scalar"),
+        (["--cpu-isa", FOREIGN_ISA], {}, f"--cpu-isa (GROUPWISE_CPU_ISA): '{FOREIGN_ISA}': not an "
+         f"instruction set of this {platform.machine()} CPU (this CPU runs"),
     ],
 )
 def test_bad_values_are_refused_naming_their_flag_and_variable(argv, environ, expected):
@@ -134,6 +142,17 @@ def test_every_flag_shows_its_default_and_its_variable_in_help(capsys):
         assert f"(default: {option.default}; env {option.env})" in shown, option.flag
     assert "(default: 127.0.0.1; env GROUPWISE_HOST)" in shown
     assert "(default: 1024 on cpu, 8192 on cuda, at most 16 full contexts;" in shown
+
+
+def test_the_cpu_isa_cap_is_a_setting_passed_inward(tiny_model):
+    try:
+        create_app(Settings(model="tiny-random", csa="off", cpu_isa="scalar"),
+                   loaded_model=tiny_model)
+        assert native.chosen_isa() == "scalar"
+        create_app(Settings(model="tiny-random", csa="off"), loaded_model=tiny_model)
+        assert native.chosen_isa() == native.runnable_isas()[0]
+    finally:
+        native.use_isa_cap(os.environ.get("GROUPWISE_CPU_ISA"))  # the run's own cap
 
 
 def test_the_cache_directory_is_a_setting_passed_inward(tiny_model, tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ What crosses it are plain messages: the server hands in groups of `Member`s (eac
 `EngineCounters`. The server reads nothing else of the engine. Its settings come in as frozen
 `EngineOptions`, with the names and per-device defaults the server's flags show (the weight
 formats among them); where the engine builds its C kernels (and the loader keeps converted
-models) is set once, with `use_cache_dir`. Torch-free: the server's settings and messages load
+models) is set once, with `use_cache_dir`, and the instruction set they may use with
+`use_isa_cap`. Torch-free: the server's settings and messages load
 before torch does; `open_engine` imports the model code.
 """
 
@@ -37,16 +38,18 @@ from model.engine.request import (
     TokenEvent,
     Usage,
 )
+from model.native import ISA_CHOICES, IsaError, check_isa_cap, use_isa_cap
 from model.weights.choices import AUTO_WEIGHTS, WEIGHT_CHOICES
 
 if TYPE_CHECKING:
     from model.weights.loading import LoadedModel
 
 __all__ = [
-    "AUTO_WEIGHTS", "DECODE_GRAPH_ROWS", "KV_CACHE_MB", "MAX_PREFILL_TOKENS", "POOL_CONTEXTS",
-    "SEED_RANGE", "WEIGHT_CHOICES", "Engine", "EngineCounters", "EngineInputError",
-    "EngineLimits", "EngineOptions", "Member", "SamplingParams", "TokenEvent", "Usage",
-    "describe_per_device", "open_engine", "use_cache_dir",
+    "AUTO_WEIGHTS", "DECODE_GRAPH_ROWS", "ISA_CHOICES", "KV_CACHE_MB", "MAX_PREFILL_TOKENS",
+    "POOL_CONTEXTS", "SEED_RANGE", "WEIGHT_CHOICES", "Engine", "EngineCounters",
+    "EngineInputError", "EngineLimits", "EngineOptions", "IsaError", "Member", "SamplingParams",
+    "TokenEvent", "Usage", "check_isa_cap", "describe_per_device", "open_engine",
+    "use_cache_dir", "use_isa_cap",
 ]
 
 log = logging.getLogger("groupwise.model")
