@@ -54,9 +54,6 @@ def test_scenarios_carry_no_group_hints_and_read_their_own_passages():
     assert not any(case.hints for case in cases)
     assert scale.case_offsets(cases) == {"burst": 0, "trickle": 8, "clients": 16,
                                          "system-prompt": 24, "skewed": 32}
-    # a subset reads the same passages as the whole run
-    assert scale.case_offsets(scale.cases(8, ["skewed", "trickle"])) == {"trickle": 0,
-                                                                         "skewed": 8}
     by_name = {case.name: scale.load_args(case, "http://u", 0, False, []) for case in cases}
     assert by_name["clients"].scenario == "clients" and by_name["clients"].clients == 4
     assert by_name["system-prompt"].system_prompt_file == str(scale.SYSTEM_PROMPT_FILE)
@@ -112,4 +109,6 @@ def test_a_run_on_tiny_replicas_puts_the_same_work_through_every_routing(tmp_pat
         assert sum(counts) == 10
         assert len(counts) == (1 if row["routing"] == "one-replica" else 2)
     assert result["config"]["router_args"] == ""
+    # the passages skewed reads in a whole run: after the 4 scenarios before it, 2 passages each
+    assert {tuple(run["config"]["passages"]) for run in result["runs"]} == {(8, 9)}
     assert "| skewed | least-busy |" in capsys.readouterr().out
