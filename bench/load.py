@@ -178,10 +178,10 @@ def plan_clients(passages: list[list[Question]], max_tokens: int, num_clients: i
 
 
 def skew_passages(passages: list[list[Question]], hot_share: float) -> list[list[Question]]:
-    """One passage with most of the questions: questions of the other passages, the last of
-    each in turn, move to the first passage until it holds `hot_share` of all of them (every
-    passage keeps at least one). A moved question asks about the first passage: it keeps its
-    words and loses its gold answers."""
+    """One passage with most of the questions: questions of the other passages move to the
+    first until it holds `hot_share` of all of them, each time the last question of the passage
+    with the most left (every passage keeps at least one). A moved question asks about the
+    first passage: it keeps its words and loses its gold answers."""
     hot, *others = (list(qs) for qs in passages)
     target = round(hot_share * sum(len(qs) for qs in passages))
     while others and len(hot) < target:

@@ -41,7 +41,7 @@ from bench.compare import REPO, Case, case_offsets, free_port, load_args, wait_h
 from bench.run_squad import _positive
 
 ROUTER_SCRIPT = REPO / "deploy" / "router" / "start.sh"
-SYSTEM_PROMPT_FILE = REPO / "bench" / "data" / "retrieval-system-prompt.txt"
+SYSTEM_PROMPT_FILE = Path(__file__).resolve().parent / "data" / "retrieval-system-prompt.txt"
 
 
 @dataclass(frozen=True)
