@@ -250,7 +250,7 @@ def first_questions(url: str, tags: list[str]) -> list[str]:
 
 
 def test_a_burst_sharing_long_instructions_spreads_and_each_passage_stays_together(routers):
-    """No hints, every prompt starting with the same ~2,400 tokens of instructions: the first
+    """No hints, every prompt starting with the same ~2,500 tokens of instructions: the first
     questions of 10 passages at once spread over both replicas (no replica more than one group
     and one request ahead of the other), then two more rounds of questions each go to the
     replica that computed their passage and find it there."""
