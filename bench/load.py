@@ -5,6 +5,8 @@ server, reported as `vllm bench serve` reports them.
     python -m bench.load --url URL --scenario trickle --contexts 4 --rounds 2
     python -m bench.load --url URL --scenario mixed --contexts 4 --long 1 --delay 1
     python -m bench.load --url URL --scenario rate --num-requests 40 --request-rate 2
+    python -m bench.load --url URL --scenario clients --clients 4 --hot-share 0.6 \
+        --system-prompt-file bench/data/retrieval-system-prompt.txt
 
 Every question is one streamed /v1/chat/completions request built as run_squad's chat mode
 builds it (system prompt + `Passage: ... Question: ...`, temperature 0), from --contexts passages
@@ -13,6 +15,11 @@ of the shipped SQuAD selection starting at --context-offset. Scenarios:
   trickle  per passage its questions one after another; the passages in parallel
   mixed    --long long generations first, the questions all at once --delay seconds later
   rate     --num-requests questions at seeded gamma arrival times, --request-rate per second
+  clients  the questions in a seeded shuffled order, dealt in turn to --clients users who each
+           ask their next question when the answer to their last has arrived
+--system-prompt-file gives every question another system prompt (the instructions an app sends
+with each question); --hot-share moves questions of the other passages to the first passage
+until it holds that share of them (asked about it, they have no gold answer and are not scored).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from bench.squad_http import (
 )
 from server.prompts import question_messages
 
-SCENARIOS = ("burst", "trickle", "mixed", "rate")
+SCENARIOS = ("burst", "trickle", "mixed", "rate", "clients")
 LONG_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -74,11 +81,13 @@ class RequestSpec:
     question: Question | None = None  # kind "question"
     at_s: float = 0.0  # earliest send, seconds after the round starts
     after: int | None = None  # position in the plan of the request whose answer must arrive first
+    system_prompt: str | None = None  # kind "question": None, the answer-in-tags prompt
 
     @property
     def messages(self) -> list[dict]:
         if self.question is not None:
-            return question_messages(self.question.context, self.question.question)
+            return question_messages(self.question.context, self.question.question,
+                                     self.system_prompt)
         return [
             {"role": "system", "content": LONG_SYSTEM_PROMPT},
             {"role": "user", "content": LONG_REQUEST},
@@ -104,6 +113,7 @@ class RequestRecord:
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
+    replica: str | None = None  # the X-Groupwise-Replica header: which replica answered
 
     @property
     def itl_s(self) -> list[float]:
@@ -155,6 +165,35 @@ def plan_mixed(passages: list[list[Question]], num_long: int, max_tokens: int,
     return longs + [replace(spec, at_s=delay_s) for spec in plan_burst(passages, max_tokens)]
 
 
+def plan_clients(passages: list[list[Question]], max_tokens: int, num_clients: int,
+                 seed: int) -> list[RequestSpec]:
+    """Users asking about the passages in no particular order: every question, shuffled
+    (seeded), dealt in turn to `num_clients` clients; each client asks its next question when
+    the answer to its last has arrived, so at most `num_clients` are in flight."""
+    questions = [q for qs in passages for q in qs]
+    random.Random(seed).shuffle(questions)
+    return [_question_spec(q, max_tokens,
+                           after=position - num_clients if position >= num_clients else None)
+            for position, q in enumerate(questions)]
+
+
+def skew_passages(passages: list[list[Question]], hot_share: float) -> list[list[Question]]:
+    """One passage with most of the questions: questions of the other passages move to the
+    first until it holds `hot_share` of all of them, each time the last question of the passage
+    with the most left (every passage keeps at least one). A moved question asks about the
+    first passage: it keeps its words and loses its gold answers."""
+    hot, *others = (list(qs) for qs in passages)
+    target = round(hot_share * sum(len(qs) for qs in passages))
+    while others and len(hot) < target:
+        donor = max(others, key=len)  # the first of those with the most questions left
+        if len(donor) == 1:
+            break
+        moved = donor.pop()
+        hot.append(replace(moved, context=hot[0].context, context_index=hot[0].context_index,
+                           answers=()))
+    return [hot, *others]
+
+
 def arrival_times(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
     """Seconds after the start at which each request is sent, drawn as `vllm bench serve`
     draws them: gamma-distributed gaps, shape `burstiness` (1 = Poisson), mean 1/rate."""
@@ -176,16 +215,29 @@ def plan_rate(questions: list[Question], max_tokens: int, rate: float, burstines
 
 def build_plan(args: argparse.Namespace) -> list[RequestSpec]:
     """The plan of one round of the scenario the flags ask for."""
+    plan = _scenario_plan(args)
+    if args.system_prompt_file is None:
+        return plan
+    system_prompt = Path(args.system_prompt_file).read_text()
+    return [replace(spec, system_prompt=system_prompt) if spec.kind == "question" else spec
+            for spec in plan]
+
+
+def _scenario_plan(args: argparse.Namespace) -> list[RequestSpec]:
     if args.scenario == "rate":
         count = math.ceil(args.num_requests / QUESTIONS_PER_CONTEXT)
         flat = [q for qs in passage_questions(args.context_offset, count) for q in qs]
         return plan_rate(flat[: args.num_requests], args.max_tokens, args.request_rate,
                          args.burstiness, args.seed)
     passages = passage_questions(args.context_offset, args.contexts)
+    if args.hot_share:
+        passages = skew_passages(passages, args.hot_share)
     if args.scenario == "burst":
         return plan_burst(passages, args.max_tokens)
     if args.scenario == "trickle":
         return plan_trickle(passages, args.max_tokens)
+    if args.scenario == "clients":
+        return plan_clients(passages, args.max_tokens, args.clients, args.seed)
     return plan_mixed(passages, args.long, args.max_tokens, args.long_tokens, args.delay)
 
 
@@ -243,6 +295,7 @@ async def _read_stream(client: httpx.AsyncClient, body: dict, record: RequestRec
     usage = timings = None
     async with client.stream("POST", "/v1/chat/completions", json=body,
                              headers=headers) as response:
+        record.replica = response.headers.get("x-groupwise-replica")
         await _raise_for_status(response)
         async for chunk in _sse_chunks(response):
             for choice in chunk.get("choices") or []:
@@ -358,7 +411,8 @@ def summarize(records: Sequence[RequestRecord]) -> dict:
     generated = sum(r.completion_tokens for r in ok)
     computed = billed - sum(r.cached_tokens for r in ok)
     timed = [r for r in ok if r.first_token_s is not None]
-    scores = [score_answer(r.text, r.gold_answers) for r in ok if r.kind == "question"]
+    scores = [score_answer(r.text, r.gold_answers) for r in ok
+              if r.kind == "question" and r.gold_answers]
     return {
         "duration": duration,
         "completed": len(ok),
@@ -519,6 +573,9 @@ def run_config(args: argparse.Namespace, model: str, plan: list[RequestSpec]) ->
            if args.scenario == "rate" else {}),
         **({"long": args.long, "long_tokens": args.long_tokens, "delay": args.delay}
            if args.scenario == "mixed" else {}),
+        **({"clients": args.clients, "seed": args.seed} if args.scenario == "clients" else {}),
+        **({"hot_share": args.hot_share} if args.hot_share else {}),
+        **({"system_prompt_file": args.system_prompt_file} if args.system_prompt_file else {}),
     }
 
 
@@ -571,7 +628,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rate: mean arrivals per second (required for rate)")
     parser.add_argument("--burstiness", type=_positive(float), default=1.0,
                         help="rate: gamma shape of the gaps; 1 = Poisson, lower = burstier")
-    parser.add_argument("--seed", type=int, default=0, help="rate: arrival-time seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="rate: arrival-time seed; clients: question-order seed (default 0)")
+    parser.add_argument("--clients", type=_positive(int), default=4,
+                        help="clients: users asking at once (default 4)")
+    parser.add_argument("--hot-share", type=float, default=0.0,
+                        help="share of the questions asked about the first passage, moved there "
+                        "from the others (default 0: none moved)")
+    parser.add_argument("--system-prompt-file",
+                        help="every question's system prompt, from this file (default: the "
+                        "answer-in-tags prompt)")
     parser.add_argument("--timeout", type=_positive(float), default=600.0,
                         help="seconds per request (default 600)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
@@ -587,6 +653,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--context-offset must be >= 0")
     if args.delay < 0:
         parser.error("--delay must be >= 0")
+    if not 0 <= args.hot_share < 1:
+        parser.error("--hot-share must be in [0, 1)")
+    if args.hot_share and args.scenario == "rate":
+        parser.error("--hot-share moves questions between passages; rate asks them in order")
+    if args.system_prompt_file is not None and not Path(args.system_prompt_file).is_file():
+        parser.error(f"--system-prompt-file: no file at {args.system_prompt_file}")
     last = args.context_offset + passages_used(args)
     if last > shipped_passages():
         parser.error(f"this run reads passages {args.context_offset} to {last - 1}; the shipped "

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -94,11 +96,18 @@ def test_profiles_put_each_service_where_it_belongs():
 
 @pytest.mark.slow
 def test_server_settings_pass_through_from_the_shell():
-    services = resolved_config(env={"GROUPWISE_MAX_GROUP_SIZE": "12"})["services"]
-    assert services["server"]["environment"]["GROUPWISE_MAX_GROUP_SIZE"] == "12"
-    assert services["server-2"]["environment"]["GROUPWISE_MAX_GROUP_SIZE"] == "12"
-    unset = resolved_config()["services"]["server"]["environment"]
-    assert unset["GROUPWISE_MAX_GROUP_SIZE"] is None  # left to the server's default
+    services = resolved_config("scale", env={"GROUPWISE_MAX_GROUP_SIZE": "12"})["services"]
+    # the cache-aware router balances with the replicas' group size (start.sh)
+    for name in ("server", "server-2", "cache-router"):
+        assert services[name]["environment"]["GROUPWISE_MAX_GROUP_SIZE"] == "12", name
+    unset = resolved_config("scale")["services"]
+    for name in ("server", "cache-router"):  # left to the server's default, which start.sh
+        assert unset[name]["environment"]["GROUPWISE_MAX_GROUP_SIZE"] is None  # knows too
+
+
+def test_the_routers_balance_threshold_defaults_to_the_servers_group_size():
+    threshold = router_flag("balance-abs-threshold")
+    assert threshold == f'"${{GROUPWISE_MAX_GROUP_SIZE:-{Settings().max_group_size}}}"'
 
 
 @pytest.mark.slow
@@ -150,9 +159,14 @@ def test_monitoring_mounts_match_the_files_that_refer_to_them():
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     mounted = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
     assert set(prometheus["rule_files"]) <= mounted
-    dns = prometheus["scrape_configs"][0]["dns_sd_configs"][0]
-    assert set(dns["names"]) == {"server", "server-2"} <= set(services)
-    assert dns["port"] == int(services["server"]["ports"][0]["target"])
+    jobs = {job["job_name"]: job["dns_sd_configs"][0] for job in prometheus["scrape_configs"]}
+    replicas, router = jobs["groupwise"], jobs["groupwise-router"]
+    assert set(replicas["names"]) == {"server", "server-2"} <= set(services)
+    assert replicas["port"] == int(services["server"]["ports"][0]["target"])
+    # the cache-aware router's own metrics, on the port start.sh gives them
+    assert router["names"] == ["cache-router"]
+    assert "cache-router" in resolved_config("scale")["services"]
+    assert router["port"] == int(router_flag("prometheus-port"))
 
     provider = yaml.safe_load(
         (DEPLOY / "grafana/provisioning/dashboards/groupwise.yml").read_text())

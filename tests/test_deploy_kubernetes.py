@@ -1,7 +1,8 @@
 """The Kubernetes mapping of the scale-out: the manifests validate against the Kubernetes API
 schemas (strict: no unknown fields), and the pieces that must agree do: nginx's ConfigMap is
 built from the shipped nginx files, nginx and the cache-aware router list the StatefulSet's
-pods, nginx finds the cache-aware router's Service, and ports and probes match the images."""
+pods, nginx finds the cache-aware router's Service, ports and probes match the images, and the
+cache-aware router balances with the replicas' group size."""
 
 from __future__ import annotations
 
@@ -136,3 +137,13 @@ def test_replica_probes_and_scrape_annotations_match_the_server():
     assert env["GROUPWISE_THREADS"] == container["resources"]["requests"]["cpu"]
     security = statefulset["spec"]["template"]["spec"]["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] == 10001
+
+
+def test_the_cache_aware_router_is_told_the_replicas_group_size():
+    """start.sh sets the router's balance threshold from GROUPWISE_MAX_GROUP_SIZE: the value
+    the router gets is the one the replicas run with."""
+    def env(key: str) -> dict:
+        return {e["name"]: e.get("value") for e in only_container(resources()[key])["env"]}
+
+    replicas, router = env("StatefulSet/groupwise"), env("Deployment/groupwise-cache-router")
+    assert router["GROUPWISE_MAX_GROUP_SIZE"] == replicas["GROUPWISE_MAX_GROUP_SIZE"]

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.scale import router_command, router_env
+from bench.scale import SYSTEM_PROMPT_FILE, router_command, router_env
 from tests.test_deploy_config import DASHBOARD, DEPLOY, ROOT, require_tool
 
 pytestmark = pytest.mark.slow
@@ -98,15 +98,18 @@ def running_replicas(tmp: Path):
 
 
 @contextmanager
-def running_cache_router(tmp: Path, worker_urls: list[str]):
-    """The shipped cache-aware router over `worker_urls`; yields its base URL."""
-    port, log = free_port(), tmp / "cache-router.log"
-    process = subprocess.Popen(router_command(worker_urls, port, free_port()), cwd=ROOT,
-                               env=router_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+def running_cache_router(tmp: Path, worker_urls: list[str], flags: tuple[str, ...] = (),
+                         name: str = "cache-router"):
+    """The shipped cache-aware router over `worker_urls`, told the replicas' group size as
+    compose tells it, `flags` last; yields its base URL and its metrics' URL."""
+    port, metrics_port, log = free_port(), free_port(), tmp / f"{name}.log"
+    env = router_env() | {"GROUPWISE_MAX_GROUP_SIZE": str(GROUP_SIZE)}
+    process = subprocess.Popen(router_command(worker_urls, port, metrics_port, flags), cwd=ROOT,
+                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/liveness", process, log, timeout=30)
-        yield url
+        yield url, f"http://127.0.0.1:{metrics_port}"
     finally:
         stop(process)
 
@@ -154,11 +157,12 @@ def running_front_door(tmp: Path, replica_ports: list[int], cache_router_port: i
 
 @contextmanager
 def scale_out(tmp: Path, replica_urls: list[str]):
-    """The front door and the cache-aware router over `replica_urls`: the door's URL."""
-    with running_cache_router(tmp, replica_urls) as cache_router, \
+    """The front door and the cache-aware router over `replica_urls`: the door's URL and the
+    cache-aware router's metrics' URL."""
+    with running_cache_router(tmp, replica_urls) as (cache_router, metrics), \
             running_front_door(tmp / "nginx", [port_of(url) for url in replica_urls],
                                port_of(cache_router)) as url:
-        yield url
+        yield url, metrics
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +173,16 @@ def replicas(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def router(replicas, tmp_path_factory):
+def routers(replicas, tmp_path_factory):
+    """The front door's URL and the cache-aware router's metrics' URL."""
+    with scale_out(tmp_path_factory.mktemp("routers"), list(replicas.values())) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def router(routers):
     """The front door's URL."""
-    with scale_out(tmp_path_factory.mktemp("routers"), list(replicas.values())) as url:
-        yield url
+    return routers[0]
 
 
 def passage(tag: str) -> str:
@@ -220,6 +230,56 @@ def test_questions_sharing_a_passage_stay_on_one_replica_and_passages_spread(rou
     assert not split, f"passages answered by several replicas: {split}"
     used = {name for names in seen.values() for name in names}
     assert used == set(REPLICA_NAMES), f"8 passages all went to {used}"
+
+
+# The instructions a retrieval app sends before every question (bench.scale's): most of each
+# prompt, so every prompt matches every other over more than the router's threshold.
+INSTRUCTIONS = SYSTEM_PROMPT_FILE.read_text()
+
+
+def instructed_body(tag: str, question: str, **fields) -> dict:
+    return {"model": "tiny-random", "max_tokens": 2,
+            "messages": [{"role": "system", "content": INSTRUCTIONS},
+                         {"role": "user", "content": f"{passage(tag)}\n\nQuestion: {question}"}],
+            **fields}
+
+
+def first_questions(url: str, tags: list[str]) -> list[str]:
+    """The first question of each passage, all at once, each generating long enough that all
+    are in flight together: the replica that answered each."""
+    bodies = [instructed_body(tag, "question 0?", max_tokens=64, ignore_eos=True) for tag in tags]
+    return [name for name, _ in asyncio.run(ask_all(url, bodies))]
+
+
+def test_a_burst_sharing_long_instructions_spreads_and_each_passage_stays_together(routers):
+    """No hints, every prompt starting with the same ~2,500 tokens of instructions: the first
+    questions of 10 passages at once spread over both replicas (no replica more than one group
+    and one request ahead of the other), then two more rounds of questions each go to the
+    replica that computed their passage and find it there."""
+    router, metrics = routers
+    tags = [f"instructed-{i}" for i in range(10)]
+    first = first_questions(router, tags)
+    counts = [first.count(name) for name in REPLICA_NAMES]
+    assert max(counts) - min(counts) <= GROUP_SIZE + 1, counts
+    for round_number in (1, 2):
+        answers = asyncio.run(ask_all(router, [instructed_body(tag, f"question {round_number}?")
+                                               for tag in tags]))
+        for tag, holder, (name, usage) in zip(tags, first, answers):
+            assert name == holder, f"{tag}: computed on {holder}, asked again on {name}"
+            assert computed(usage) < 0.05 * usage["prompt_tokens"], (tag, usage)
+    decisions = httpx.get(metrics + "/metrics").text
+    assert re.search(r"^vllm_router_load_balancing_events_total [1-9]", decisions, re.M)
+
+
+def test_with_the_routers_own_thresholds_the_same_burst_stays_on_one_replica(replicas, tmp_path):
+    """The control: vllm-router's defaults (balance only past 64 requests in flight) send every
+    prompt to the replica that saw the shared instructions first."""
+    defaults = ("--cache-threshold", "0.3", "--balance-abs-threshold", "64",
+                "--balance-rel-threshold", "1.5")
+    with running_cache_router(tmp_path, list(replicas.values()), defaults,
+                              "defaults-router") as (url, _):
+        first = first_questions(url, [f"defaults-{i}" for i in range(10)])
+    assert len(set(first)) == 1, first
 
 
 def ask(client: httpx.Client, group_id: str) -> httpx.Response:
@@ -303,7 +363,7 @@ def test_traffic_of_a_dead_replica_goes_to_the_live_one(replicas, tmp_path):
     router may send it on)."""
     live_name, live_url = next(iter(replicas.items()))
     dead_url = f"http://127.0.0.1:{free_port()}"
-    with scale_out(tmp_path, [live_url, dead_url]) as url, \
+    with scale_out(tmp_path, [live_url, dead_url]) as (url, _), \
             httpx.Client(base_url=url, timeout=30) as client:
         names = set()
         for i in range(8):
@@ -321,7 +381,7 @@ def test_a_stopped_replica_finishes_what_it_started_and_its_traffic_moves(tmp_pa
     drains (503: never started) and after it has exited (connection refused). Every request
     ran exactly once: the replicas' access logs hold one answered chat request per request."""
     with running_replicas(tmp_path) as running, \
-            scale_out(tmp_path, [url for url, _, _ in running.values()]) as router_url, \
+            scale_out(tmp_path, [url for url, _, _ in running.values()]) as (router_url, _), \
             httpx.Client(base_url=router_url, timeout=60) as client, ExitStack() as open_streams:
         first = client.post("/v1/chat/completions", json=chat_body("stopped", "first?"))
         holder = first.headers["x-groupwise-replica"]
@@ -365,6 +425,9 @@ GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
 MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
 
 
+ROUTER_METRIC_REF = re.compile(r"\bvllm_router_\w+")
+
+
 def dashboard_queries() -> list[str]:
     """Every PromQL expression of the Grafana dashboard: panels and variables."""
     dashboard = json.loads(DASHBOARD.read_text())
@@ -394,7 +457,9 @@ def exported(replicas):
 
 
 def test_monitoring_queries_use_only_exported_metrics_and_labels(exported):
-    queries = dashboard_queries() + rule_queries()
+    """Every query on the replicas' metrics (the router's are checked against the router)."""
+    queries = [query for query in dashboard_queries() + rule_queries()
+               if not ROUTER_METRIC_REF.search(query)]
     referenced = set()
     for query in queries:
         names = set(METRIC_REF.findall(query))
@@ -415,3 +480,24 @@ def test_dashboard_shows_every_metric_the_server_exports(exported):
     shown = {re.sub(r"_(bucket|sum|count|total)$", "", name)
              for query in dashboard_queries() for name in METRIC_REF.findall(query)}
     assert families - shown == set(), "exported but on no dashboard panel"
+
+
+def test_the_dashboards_router_panels_use_what_the_cache_aware_router_exports(routers):
+    """After a burst that makes it balance (so every decision it counts has happened), the
+    cache-aware router's /metrics holds every vllm_router_ series the dashboard queries, with
+    the labels the queries group by."""
+    router, metrics = routers
+    first_questions(router, [f"scraped-{i}" for i in range(10)])
+    labels = defaultdict(set)
+    for family in text_string_to_metric_families(httpx.get(metrics + "/metrics").text):
+        for sample in family.samples:
+            labels[sample.name] |= set(sample.labels)
+    queries = [query for query in dashboard_queries() if ROUTER_METRIC_REF.search(query)]
+    assert len(queries) >= 3
+    for query in queries:
+        names = set(ROUTER_METRIC_REF.findall(query))
+        assert names <= set(labels), f"{query}\n  not exported: {names - set(labels)}"
+        grouped = {label.strip() for group in GROUPING.findall(query)
+                   for label in group.split(",") if label.strip()}
+        available = set().union(*(labels[name] for name in names))
+        assert grouped <= available, f"{query}\n  unknown labels: {grouped - available}"

@@ -25,7 +25,7 @@ SUMMARY_KEYS = {
 RECORD_KEYS = {
     "kind", "passage", "question_id", "gold_answers", "group_id", "sent_s", "first_token_s",
     "chunk_s", "end_s", "prompt_tokens", "completion_tokens", "cached_tokens", "text",
-    "finish_reason", "error",
+    "finish_reason", "error", "replica",
 }
 
 

@@ -6,10 +6,14 @@
 #     sh deploy/router/start.sh --worker-urls http://server:8000 http://server-2:8000 --port 8080
 # A flag given again after these wins (vllm-router reads its flags with argparse).
 #
-# Routing (docs/deployment.md): a request goes to the replica whose past prompts share the
-# longest prefix with it (token ids, from each replica's /v1/chat/completions/render), when
-# that prefix is over 30% of the prompt; otherwise, or while one replica has over 64 requests
-# and 1.5 times as many in flight as another, to the replica with the fewest in flight.
+# Routing (docs/deployment.md, "How it decides"): a request goes to the replica whose past
+# prompts share the longest prefix with it (token ids, from each replica's
+# /v1/chat/completions/render) when that prefix is over 60% of the prompt, otherwise to the
+# replica with the fewest requests in flight. Once a replica has more than one group
+# (GROUPWISE_MAX_GROUP_SIZE, the replicas' own setting, default 8) and half again as many requests
+# in flight as another, the one with the fewest in flight gets the request whatever its prefix:
+# a prefix that every request shares (an app's instructions) cannot pull all traffic onto the
+# replica that saw it first, while a passage's questions asked together stay together.
 #
 # Health: /health every 5 s; one failure takes a replica out, one success brings it back.
 # A replica that answers a request with a 5xx or cannot be reached is skipped for 10 s (its
@@ -19,8 +23,8 @@
 set -eu
 exec "${VLLM_ROUTER:-vllm-router}" \
     --policy cache_aware \
-    --cache-threshold 0.3 \
-    --balance-abs-threshold 64 \
+    --cache-threshold 0.6 \
+    --balance-abs-threshold "${GROUPWISE_MAX_GROUP_SIZE:-8}" \
     --balance-rel-threshold 1.5 \
     --health-check-endpoint /health \
     --health-check-interval-secs 5 \
