@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from bench import load, scale
-from model.prompts import ANSWER_SYSTEM_PROMPT
+from server.prompts import ANSWER_SYSTEM_PROMPT
 
 
 def test_clients_ask_every_question_once_in_a_seeded_order_at_most_n_at_a_time():
