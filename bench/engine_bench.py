@@ -40,6 +40,7 @@ COLUMNS = [
     ("generated", "completion_tokens", "{:,}"),
     ("seconds", "seconds", "{:.1f}"),
     ("q/s", "questions_per_second", "{:.2f}"),
+    ("tokens / row-step", "tokens_per_row_step", "{:.2f}"),
     ("EM", "em", "{:.3f}"),
     ("F1", "f1", "{:.3f}"),
     ("lenient", "lenient", "{:.3f}"),
@@ -73,6 +74,7 @@ def run_group_size(
     batch, so only grouping saves compute (the research setting)."""
     engine.cache.clear()
     texts, usages, seconds = {}, [], 0.0
+    counted = engine.counters()
     for start in range(0, len(groups), batch_groups):
         batch = [
             [
@@ -93,6 +95,7 @@ def run_group_size(
         print(f"\r  G={len(groups[0].questions)}: {min(start + batch_groups, len(groups))}"
               f"/{len(groups)} groups", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    counters = engine.counters()
     questions = [q for group in groups for q in group.questions]
     scores = [score_answer(texts[q.id], q.answers) for q in questions]
     billed = sum(u.prompt_tokens for u in usages)
@@ -107,6 +110,9 @@ def run_group_size(
         "completion_tokens": sum(u.completion_tokens for u in usages),
         "seconds": seconds,
         "questions_per_second": len(questions) / seconds,
+        # decode tokens written per row per step: 1 without speculation
+        "tokens_per_row_step": ((counters.num_decode_tokens - counted.num_decode_tokens)
+                                / max(counters.num_row_steps - counted.num_row_steps, 1)),
         **{key: sum(s[key] for s in scores) / len(scores) for key in ("em", "f1", "lenient")},
         "tag_rate": sum(s["has_tags"] for s in scores) / len(scores),
         "answers": {q.id: texts[q.id] for q in questions},
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="auto (the server's default), loaded, bf16 or int4")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's)")
+    parser.add_argument("--speculate", choices=["auto", "off"], default="auto",
+                        help="prompt-lookup speculation, as the server's --speculate (default "
+                             "auto; groups the trained head mixes never speculate)")
     parser.add_argument("--json", default=None, help="write the results here")
     add_build_options(parser)
     args = parser.parse_args(argv)
@@ -166,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     use_build_options(args)
     loaded = load_model(args.model, args.device, args.dtype, args.threads, args.weights)
     csa, csa_label = build_csa(args.csa, loaded)
-    engine = GroupedEngine(loaded.model, loaded.tokenizer, csa)
+    engine = GroupedEngine(loaded.model, loaded.tokenizer, csa,
+                           speculate=args.speculate == "auto")
     selection = load_selection(args.contexts, args.squad, args.seed)
     params = SamplingParams(max_tokens=args.max_tokens)
     results = [
@@ -177,9 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     compare_with_first(results)
     report = {"model": loaded.name, "weights": loaded.weights, "csa": csa_label,
               "contexts": args.contexts, "batch_groups": args.batch_groups,
-              "prefix_cache": args.prefix_cache, "results": results}
-    print(f"model {loaded.name}, {loaded.weights} weights, CSA {csa_label}, "
-          f"{args.contexts} contexts")
+              "prefix_cache": args.prefix_cache, "speculate": args.speculate,
+              "kernels": loaded.kernels, "results": results}
+    print(f"model {loaded.name}, {loaded.weights} weights ({loaded.kernels}), CSA {csa_label}, "
+          f"speculation {args.speculate}, {args.contexts} contexts")
     print(format_table(results))
     for result in results[1:]:
         if result["differing_from_first"]:

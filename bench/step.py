@@ -68,8 +68,10 @@ def synchronize(device: torch.device) -> None:
 def decoding(engine: GroupedEngine, rows: list[list[int]], steps: int) -> list[Member]:
     """Members for `rows`, all decoding (with room for `steps` more steps)."""
     engine.cache.clear()
-    # rows that start early must still be decoding when the last one starts
-    params = SamplingParams(max_tokens=steps + len(rows) * 2 + 16, ignore_eos=True)
+    # rows that start early must still be decoding when the last one starts; a speculating row
+    # may write a whole proposal and one token more a step
+    per_step = 1 + engine.scheduler.speculation.options.max_tokens
+    params = SamplingParams(max_tokens=(steps + len(rows) * 2 + 16) * per_step, ignore_eos=True)
     members = [Member(prompt, params) for prompt in rows]
     for member in members:
         engine.add([member], uses_trained_head=False)
@@ -85,8 +87,11 @@ def finish(engine: GroupedEngine, members: list[Member]) -> None:
         engine.step()
 
 
-def engine_step_ms(engine: GroupedEngine, rows: list[list[int]], steps: int) -> float:
+def engine_steps(engine: GroupedEngine, rows: list[list[int]],
+                 steps: int) -> tuple[float, float]:
+    """(mean step ms, tokens a row wrote per step) over `steps` steps of `rows` decoding."""
     members = decoding(engine, rows, steps)
+    counted = engine.counters()
     times = []
     for _ in range(steps):
         synchronize(engine.device)
@@ -94,8 +99,10 @@ def engine_step_ms(engine: GroupedEngine, rows: list[list[int]], steps: int) -> 
         engine.step()
         synchronize(engine.device)
         times.append(time.perf_counter() - began)
+    counters = engine.counters()
     finish(engine, members)
-    return 1000 * statistics.fmean(times)
+    tokens = counters.num_decode_tokens - counted.num_decode_tokens
+    return 1000 * statistics.fmean(times), tokens / (counters.num_row_steps - counted.num_row_steps)
 
 
 def prefill_tokens_per_s(engine: GroupedEngine, prompt: list[int]) -> float:
@@ -249,6 +256,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time the prefill of one prompt this long")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's)")
+    parser.add_argument("--speculate", action="store_true",
+                        help="rows verify proposed tokens, as the server's --speculate auto "
+                             "(the rows run past their answers: see bench.engine_bench for "
+                             "answers)")
     parser.add_argument("--hf", action="store_true", help="also time transformers' forward")
     parser.add_argument("--profile", action="store_true",
                         help="kernels per step and the GPU's busy share (CUDA)")
@@ -261,23 +272,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     use_build_options(args)
     loaded = load(args)
-    engine = GroupedEngine(loaded.model, loaded.tokenizer)
+    engine = GroupedEngine(loaded.model, loaded.tokenizer, speculate=args.speculate)
     sizes = [int(s) for s in args.rows.split(",")]
     all_prompts = prompts(loaded.tokenizer, max(sizes))
-    engine_step_ms(engine, all_prompts[:1], 2)  # warm-up
+    engine_steps(engine, all_prompts[:1], 2)  # warm-up
     bandwidth, weights = memory_bandwidth(engine.device), weight_bytes(loaded.model)
     report = {"model": loaded.name, "weights": loaded.weights, "device": str(engine.device),
               "device_name": (torch.cuda.get_device_name(engine.device)
                               if engine.device.type == "cuda" else cpu_name()),
-              "kernels": loaded.kernels,
+              "kernels": loaded.kernels, "speculate": args.speculate,
               "dtype": str(loaded.model.dtype).removeprefix("torch."),
               "weight_bytes": weights, "bandwidth_bytes_per_s": bandwidth,
               "prompt_tokens": len(all_prompts[0]), "rows": []}
     for size in sizes:
         rows = all_prompts[:size]
-        row = {"rows": size, "engine_ms": engine_step_ms(engine, rows, args.steps),
+        step_ms, per_row_step = engine_steps(engine, rows, args.steps)
+        row = {"rows": size, "engine_ms": step_ms, "tokens_per_row_step": per_row_step,
+               "engine_tokens_per_s": 1000 * size * per_row_step / step_ms,
                "bound_ms": bound_ms(engine, weights, rows, args.steps, bandwidth)}
-        row["engine_tokens_per_s"] = 1000 * size / row["engine_ms"]
         if args.hf:
             row["hf_ms"] = hf_step_ms(loaded.model, rows, args.steps)
         report["rows"].append(row)
@@ -299,18 +311,22 @@ def main(argv: list[str] | None = None) -> dict:
 def print_report(report: dict, hf: bool, threads: int) -> None:
     where = (report["device_name"] if report["device"] != "cpu"
              else f"{report['device_name']}, {threads} threads")
+    speculation = "speculation on" if report["speculate"] else "speculation off"
     print(f"model {report['model']}, {report['weights']} weights ({report['dtype']}, "
-          f"{report['weight_bytes'] / 1e9:.2f} GB read a step), {report['kernels']}, {where}; "
+          f"{report['weight_bytes'] / 1e9:.2f} GB read a step), {report['kernels']}, "
+          f"{speculation}, {where}; "
           "memory bandwidth "
           f"{report['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s (a large copy); prompts of about "
           f"{report['prompt_tokens']} tokens")
-    header = "| rows | engine step (ms) | engine tokens/s | bound (ms) | bound / step |"
+    header = ("| rows | engine step (ms) | tokens / row-step | engine tokens/s | bound (ms) |"
+              " bound / step |")
     header += " transformers step (ms) |" if hf else ""
     print(header)
     print("|" + "---:|" * (header.count("|") - 1))
     for row in report["rows"]:
-        line = (f"| {row['rows']} | {row['engine_ms']:.1f} | {row['engine_tokens_per_s']:.0f} |"
-                f" {row['bound_ms']:.1f} | {row['bound_ms'] / row['engine_ms']:.0%} |")
+        line = (f"| {row['rows']} | {row['engine_ms']:.1f} | {row['tokens_per_row_step']:.2f} |"
+                f" {row['engine_tokens_per_s']:.0f} | {row['bound_ms']:.1f} |"
+                f" {row['bound_ms'] / row['engine_ms']:.0%} |")
         print(line + (f" {row['hf_ms']:.1f} |" if hf else ""))
     print(f"prefill: {report['prefill_tokens_per_s']:.0f} tokens/s (one "
           f"{report['prompt_tokens']}-token prompt)")

@@ -25,6 +25,7 @@ from model.engine.interface import (
     ISA_CHOICES,
     KV_CACHE_MB,
     MAX_PREFILL_TOKENS,
+    MAX_PROPOSAL_TOKENS,
     POOL_CONTEXTS,
     WEIGHT_CHOICES,
     EngineOptions,
@@ -39,6 +40,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CSA_OFF = ("off", "none")  # values of --csa that disable CSA
 CSA_AUTO = "auto"  # the checkpoint shipped for the model, if there is one
 CSA_SCOPES = ("grouped", "all")  # which requests the trained head (CSA + adapter) serves
+SPECULATE_CHOICES = ("auto", "off")
 
 
 class SettingsError(ValueError):
@@ -71,6 +73,8 @@ class Settings:
     playground: bool = True  # the browser page at /playground (/ redirects to it)
     cache: str | None = None  # where built things are kept; None: ~/.cache/groupwise
     cpu_isa: str = "auto"  # the most the CPU kernels may use; auto: all this CPU runs
+    speculate: str = "auto"  # auto: rows verify proposed tokens where they pay; off: never
+    speculate_tokens: int = MAX_PROPOSAL_TOKENS  # the longest proposal a row verifies
 
     def __post_init__(self):
         _require(0 <= self.port <= 65535, "port", f"must be in 0..65535, got {self.port}")
@@ -98,6 +102,10 @@ class Settings:
                  f"must be one of {', '.join(CSA_SCOPES)}, got {self.csa_scope!r}")
         _require(self.api_key is None or all(self.api_keys), "api_key",
                  "must not hold an empty key (check for stray commas)")
+        _require(self.speculate in SPECULATE_CHOICES, "speculate",
+                 f"must be one of {', '.join(SPECULATE_CHOICES)}, got {self.speculate!r}")
+        _require(self.speculate_tokens >= 1, "speculate_tokens",
+                 f"must be >= 1, got {self.speculate_tokens}")
         try:
             check_isa_cap(self.cpu_isa)
         except IsaError as exc:
@@ -132,7 +140,9 @@ class Settings:
 
     @property
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(self.kv_cache_mb, self.max_prefill_tokens, self.decode_graph_rows)
+        return EngineOptions(self.kv_cache_mb, self.max_prefill_tokens, self.decode_graph_rows,
+                             speculate=self.speculate == "auto",
+                             max_proposal_tokens=self.speculate_tokens)
 
     @classmethod
     def from_sources(
@@ -250,6 +260,12 @@ OPTIONS = (
     Option("cpu_isa", "--cpu-isa", "GROUPWISE_CPU_ISA", str, "an instruction set",
            "the most the CPU kernels may use: " + ", ".join(ISA_CHOICES) + " (auto: all this "
            "CPU runs); a cap never raises"),
+    Option("speculate", "--speculate", "GROUPWISE_SPECULATE", str, "auto or off",
+           "prompt-lookup speculation: auto (a decoding row verifies tokens proposed from its "
+           "prompt, its output and its group's answers, when the step-time model says they "
+           "pay) or off"),
+    Option("speculate_tokens", "--speculate-tokens", "GROUPWISE_SPECULATE_TOKENS", int,
+           "an integer", "the most proposed tokens a row verifies in one step"),
 )
 
 

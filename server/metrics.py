@@ -74,7 +74,31 @@ class ServerMetrics:
         self.prefix_cache_hits = Counter(
             "groupwise:prefix_cache_hits",
             "Prompt tokens served from the prefix cache or a group's shared prefix.", registry=r)
-        self._engine_counts = (0, 0)  # the engine's cumulative (queries, hits) seen so far
+        self.decode_row_steps = Counter(
+            "groupwise:decode_row_steps",
+            "Decode steps of a request (one row in one engine step).", registry=r)
+        self.decode_tokens = Counter(
+            "groupwise:decode_tokens",
+            "Tokens those steps wrote: over decode_row_steps, the tokens per row-step "
+            "(above 1 with speculation).", registry=r)
+        self.spec_decode_num_drafts = Counter(
+            "groupwise:spec_decode_num_drafts", "Proposals verified (speculative decoding).",
+            registry=r)
+        self.spec_decode_num_draft_tokens = Counter(
+            "groupwise:spec_decode_num_draft_tokens", "Tokens proposed in them.", registry=r)
+        self.spec_decode_num_accepted_tokens = Counter(
+            "groupwise:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", registry=r)
+        # each counter that mirrors one of the engine's cumulative counts, and that count
+        self._engine_counters = {
+            self.prefix_cache_queries: "prefix_cache_queries",
+            self.prefix_cache_hits: "prefix_cache_hits",
+            self.decode_row_steps: "num_row_steps",
+            self.decode_tokens: "num_decode_tokens",
+            self.spec_decode_num_drafts: "num_drafts",
+            self.spec_decode_num_draft_tokens: "num_draft_tokens",
+            self.spec_decode_num_accepted_tokens: "num_accepted_tokens",
+        }
+        self._engine_counts = dict.fromkeys(self._engine_counters.values(), 0)  # seen so far
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -86,12 +110,13 @@ class ServerMetrics:
             lambda: dispatcher.num_in_flight - dispatcher.num_waiting)
 
     def observe_engine(self, counters: EngineCounters) -> None:
-        """After an engine step (in the worker thread): pool usage and cache counters."""
+        """After an engine step (in the worker thread): pool usage, and the engine's counts
+        since the last step."""
         self.kv_cache_usage.set(counters.kv_cache_usage)
-        queries, hits = counters.prefix_cache_queries, counters.prefix_cache_hits
-        self.prefix_cache_queries.inc(queries - self._engine_counts[0])
-        self.prefix_cache_hits.inc(hits - self._engine_counts[1])
-        self._engine_counts = (queries, hits)
+        for counter, name in self._engine_counters.items():
+            count = getattr(counters, name)
+            counter.inc(count - self._engine_counts[name])
+            self._engine_counts[name] = count
 
     def observe_group(self, group: list[Question], started_at: float) -> None:
         self.group_size.observe(len(group))

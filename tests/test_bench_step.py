@@ -31,3 +31,14 @@ def test_the_bench_times_a_random_shape_and_writes_its_report(tmp_path, capsys):
         assert row["engine_ms"] > 0 and row["bound_ms"] > 0
     assert report["long_prefill"]["tokens"] == 300 and report["long_prefill"]["tokens_per_s"] > 0
     assert "| 2 |" in capsys.readouterr().out
+
+
+def test_the_bench_reports_the_tokens_a_row_writes_per_step(capsys):
+    plain = step.main(["--model", "tiny-random", "--rows", "1,2", "--steps", "3"])
+    assert [row["tokens_per_row_step"] for row in plain["rows"]] == [1, 1]
+    speculating = step.main(["--model", "tiny-random", "--rows", "1", "--steps", "3",
+                             "--speculate"])
+    (row,) = speculating["rows"]
+    assert row["tokens_per_row_step"] >= 1
+    assert row["engine_tokens_per_s"] == 1000 * row["tokens_per_row_step"] / row["engine_ms"]
+    assert "speculation on" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from model.engine.batch import build_step
 from model.engine.grouped_engine import GroupedEngine
 from model.engine.interface import EngineOptions, open_engine
 from model.engine.request import Member, SamplingParams, Status
+from model.engine.scheduler import StepWork
 from model.forward.cuda_graphs import DecodeGraphs, bucket_sizes
 from tests.test_engine import make_groups, reference_greedy, run
 
@@ -40,7 +41,7 @@ def test_a_padded_step_equals_the_unpadded_one_and_writes_no_live_slot(tiny):
     engine = decoding_engine(tiny)
     rows = engine.scheduler.decoding_rows()
     assert len(rows) == 5  # padded to a bucket of 8
-    inputs, _ = build_step(rows, [], engine.forward.scale)
+    inputs, _ = build_step(StepWork(rows, []), engine.forward.scale)
     eager_kv, padded_kv = engine.pool.kv.clone(), engine.pool.kv.clone()
     scratch = engine.pool.scratch_slot
     padded_kv[:, :, :, scratch] = 7.0
@@ -110,3 +111,13 @@ def test_a_server_on_a_cpu_decodes_without_graphs(tiny_model):
     """--decode-graph-rows is a GPU's: the padded eager steps above are a check, not a mode."""
     engine = open_engine(tiny_model, None, EngineOptions(decode_graph_rows=8))
     assert engine.graphs is None
+
+
+def test_a_step_that_verifies_a_proposal_is_left_to_the_eager_forward(tiny):
+    """Graphs are captured for one token a row: a verifying row's chunk does not fit them."""
+    engine = decoding_engine(tiny)
+    rows = engine.scheduler.decoding_rows()
+    plain, _ = build_step(StepWork(rows, []), engine.forward.scale)
+    verifying, _ = build_step(StepWork(rows, [], {rows[0]: [5, 6]}), engine.forward.scale)
+    assert engine.graphs.fits(plain)
+    assert not engine.graphs.fits(verifying)

@@ -36,3 +36,14 @@ def test_the_prefix_cache_shares_a_passage_between_groups(capsys):
     assert warm["prompt_tokens_billed"] == cold["prompt_tokens_billed"]
     assert warm["prompt_tokens_computed"] < cold["prompt_tokens_computed"] / 2
     assert warm["answers"] == cold["answers"]
+
+
+def test_speculation_changes_the_tokens_per_row_step_never_the_answers(capsys):
+    args = ["--model", "tiny-random", "--contexts", "2", "--group-sizes", "1,5", "--csa", "off",
+            "--max-tokens", "12"]
+    off = main([*args, "--speculate", "off"])
+    on = main([*args, "--speculate", "auto"])
+    assert all(row["tokens_per_row_step"] == 1 for row in off["results"])
+    assert all(row["tokens_per_row_step"] >= 1 for row in on["results"])
+    assert [row["answers"] for row in on["results"]] == [row["answers"] for row in off["results"]]
+    assert "tokens / row-step" in capsys.readouterr().out

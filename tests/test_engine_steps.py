@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model.engine.grouped_engine as engine_module
+import model.engine.sampling as sampling
 from model.engine.grouped_engine import GroupedEngine
 from model.engine.request import EngineInputError, Member, SamplingParams
 from model.forward.decoder import PoolShape
@@ -191,14 +191,14 @@ def test_a_member_whose_sampler_fails_ends_alone(tiny, monkeypatch):
     doomed = Member(prompts[1], SamplingParams(max_tokens=8, temperature=0.5, seed=3))
     group = [Member(prompts[0], SamplingParams(max_tokens=8)), doomed,
              Member(prompts[2], SamplingParams(max_tokens=8))]
-    real = engine_module.sample_token
+    real = sampling.sample_token
 
     def failing(logits, params, generator):
         if params is doomed.params:
             raise FloatingPointError("probabilities are not finite")
         return real(logits, params, generator)
 
-    monkeypatch.setattr(engine_module, "sample_token", failing)
+    monkeypatch.setattr(sampling, "sample_token", failing)
     events = list(engine.generate([group]))
     last = {e.member: e for e in events if e.finish_reason}
     assert last[doomed].finish_reason == "error"

@@ -27,6 +27,14 @@ def test_defaults():
     assert settings.csa == "auto" and settings.api_key is None
     assert settings.weights == "auto"  # int4 for the embedded GGUF on a CPU
     assert settings.replica_name == socket.gethostname()
+    assert settings.engine_options.speculate and settings.engine_options.max_proposal_tokens == 8
+
+
+def test_speculation_is_set_by_flag_or_environment():
+    settings = Settings.from_sources(["--speculate", "off"],
+                                     environ={"GROUPWISE_SPECULATE_TOKENS": "4"})
+    assert not settings.engine_options.speculate
+    assert settings.engine_options.max_proposal_tokens == 4
 
 
 def test_environment_is_read_and_flags_win():
@@ -70,6 +78,9 @@ def test_every_setting_has_a_flag_and_an_environment_variable():
         (["--api-key", "a,,b"], {}, "--api-key (GROUPWISE_API_KEY): must not hold an empty key"),
         ([], {"GROUPWISE_CPU_ISA": "avx3"},
          "--cpu-isa (GROUPWISE_CPU_ISA): 'avx3': use one of auto, avx512, avx2, neon, scalar"),
+        (["--speculate", "on"], {}, "--speculate (GROUPWISE_SPECULATE): must be one of auto, off"),
+        ([], {"GROUPWISE_SPECULATE_TOKENS": "0"},
+         "--speculate-tokens (GROUPWISE_SPECULATE_TOKENS): must be >= 1"),
         (["--cpu-isa", FOREIGN_ISA], {}, f"--cpu-isa (GROUPWISE_CPU_ISA): '{FOREIGN_ISA}': not an "
          f"instruction set of this {platform.machine()} CPU (this CPU runs"),
     ],

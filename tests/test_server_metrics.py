@@ -13,7 +13,9 @@ HISTOGRAMS = ["e2e_request_latency_seconds", "time_to_first_token_seconds",
               "request_queue_time_seconds", "time_per_output_token_seconds", "group_size",
               "group_wait_seconds"]
 COUNTERS = ["prompt_tokens", "prompt_tokens_computed", "generation_tokens", "request_success",
-            "requests", "prefix_cache_queries", "prefix_cache_hits"]
+            "requests", "prefix_cache_queries", "prefix_cache_hits", "decode_row_steps",
+            "decode_tokens", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+            "spec_decode_num_accepted_tokens"]
 GAUGES = ["num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"]
 PASSAGE = "Water boils at one hundred degrees Celsius at sea level. " * 2
 
@@ -84,6 +86,24 @@ def test_counters_agree_with_the_returned_usage(start_server):
     assert value(samples, "time_to_first_token_seconds_count") == 3
     assert value(samples, "request_queue_time_seconds_count") == 3
     assert value(samples, "num_requests_waiting") == value(samples, "num_requests_running") == 0
+    # each answer's first token comes from its prompt's last position, the rest from decode
+    # steps, which write one token each plus the proposed tokens they accept
+    decoded = value(samples, "decode_tokens_total")
+    assert decoded == value(samples, "generation_tokens_total") - 3
+    assert decoded == value(samples, "decode_row_steps_total") + value(
+        samples, "spec_decode_num_accepted_tokens_total")
+    assert value(samples, "spec_decode_num_accepted_tokens_total") <= value(
+        samples, "spec_decode_num_draft_tokens_total")
+
+
+def test_with_speculation_off_a_decode_step_writes_one_token(start_server):
+    server = start_server(speculate="off")
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    reply = ask(client, "Does it boil? Does it boil? Does it boil?")
+    samples = scrape(server)
+    assert value(samples, "decode_tokens_total") == reply.usage.completion_tokens - 1
+    assert value(samples, "decode_row_steps_total") == value(samples, "decode_tokens_total")
+    assert value(samples, "spec_decode_num_drafts_total") == 0
 
 
 def test_ten_concurrent_requests_with_one_group_id_are_one_group(start_server):

@@ -16,6 +16,7 @@ alone would give: grouping and caching change the cost, never the content.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,12 +30,15 @@ from model.engine.options import (
     DECODE_GRAPH_ROWS,
     KV_CACHE_MB,
     MAX_PREFILL_TOKENS,
+    MAX_PROPOSAL_TOKENS,
     POOL_CONTEXTS,
+    TOKEN_SHARE,
     per_device,
 )
 from model.engine.request import EngineCounters, Member, TokenEvent
-from model.engine.sampling import make_generator, sample_token
+from model.engine.sampling import accept, make_generator, token_chooser
 from model.engine.scheduler import Scheduler
+from model.engine.speculation import SpeculationOptions
 from model.engine.text_stream import TextStream
 from model.forward.cuda_graphs import DecodeGraphs
 from model.forward.decoder import DecoderForward, StepInputs
@@ -57,10 +61,12 @@ class GroupedEngine:
 
     def __init__(self, model, tokenizer, csa: GroupHead | None = None, *,
                  kv_cache_mb: float | None = None, max_prefill_tokens: int | None = None,
-                 decode_graph_rows: int | None = None):
+                 decode_graph_rows: int | None = None, speculate: bool = False,
+                 max_proposal_tokens: int = MAX_PROPOSAL_TOKENS):
         """None: the device's default (`model.engine.options`). `decode_graph_rows` 0 turns
         the decode graphs off; on a CPU a positive value runs their padded steps eagerly (a
-        check of the padding: a server on a CPU passes 0, see `open_engine`)."""
+        check of the padding: a server on a CPU passes 0, see `open_engine`). `speculate`:
+        decoding rows verify proposed tokens where they pay (`model.engine.speculation`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.csa = csa.to(model.device, model.dtype) if csa is not None else None
@@ -73,7 +79,10 @@ class GroupedEngine:
                                    self.pool.capacity, int(model.config.vocab_size))
         if max_prefill_tokens is None:
             max_prefill_tokens = per_device(MAX_PREFILL_TOKENS, self.device.type)
-        self.scheduler = Scheduler(self.pool.capacity, max_prefill_tokens)
+        token_share = TOKEN_SHARE.get(self.device.type, TOKEN_SHARE["cpu"])
+        speculation = SpeculationOptions(speculate, max_proposal_tokens, token_share)
+        self.scheduler = Scheduler(self.pool.capacity, max_prefill_tokens, speculation,
+                                   lockstep_trained=self.csa is not None)
         self._outputs: dict[Member, MemberOutput] = {}
         # the last prompt token's hidden state of rows whose group has not started yet
         self._prompt_states: dict[Member, torch.Tensor] = {}
@@ -151,14 +160,18 @@ class GroupedEngine:
         work = self.scheduler.schedule()
         if work.is_empty:
             return events
-        inputs, decode_rows = build_step(work.decode_rows, work.chunks, self.forward.scale)
+        began = time.perf_counter()
+        inputs, decoding = build_step(work, self.forward.scale)
         hidden = self.run_forward(inputs)
-        ready = list(zip(decode_rows, hidden[: len(decode_rows)]))
-        for row, state in zip(self.scheduler.complete(work), hidden[len(decode_rows) :]):
+        fed = len(decoding) + sum(map(len, work.proposals.values()))
+        for row, state in zip(self.scheduler.complete(work), hidden[fed:]):
             self._prompt_states[row.member] = state
-        ready += [(row, self._prompt_states.pop(row.member))
-                  for row in self.scheduler.starting_rows()]
-        return events + self._sample(ready)
+        starting = self.scheduler.starting_rows()
+        states = torch.cat([hidden[:fed], *(self._prompt_states.pop(row.member)[None]
+                                            for row in starting)])
+        events += self._write([*decoding, *starting], work.proposals, states)
+        self.scheduler.speculation.observe_step(work.num_tokens, time.perf_counter() - began)
+        return events
 
     def run_forward(self, inputs: StepInputs) -> torch.Tensor:
         """One step's forward (host-side inputs): replayed from a graph when it can be."""
@@ -168,22 +181,37 @@ class GroupedEngine:
 
     # --- tokens out ------------------------------------------------------------------------
 
-    def _sample(self, ready: list[tuple[Row, torch.Tensor]]) -> list[TokenEvent]:
-        if not ready:
+    def _write(self, rows: list[Row], proposals: dict[Row, list[int]],
+               states: torch.Tensor) -> list[TokenEvent]:
+        """Each row's next tokens from its final hidden states: one position, or its last
+        token's and its proposal's. A row writes what `sampling.accept` says (what it would
+        write one token a step), one token at a time, until a stop condition holds; the keys
+        and values of the accepted tokens stay in the pool."""
+        if not rows:
             return []
-        rows = [row for row, _ in ready]
-        logits = self._logits(rows, torch.stack([h for _, h in ready]))
+        positions = [row for row in rows for _ in range(1 + len(proposals.get(row, ())))]
+        logits = self._logits(positions, states)
         greedy = logits.argmax(dim=-1).tolist()
-        events = []
-        for index, row in enumerate(rows):
-            params, output = row.member.params, self._outputs[row.member]
+        events, end = [], 0
+        for row in rows:
+            output, proposal = self._outputs[row.member], proposals.get(row, [])
+            start, end = end, end + 1 + len(proposal)
             try:
-                token = (greedy[index] if params.is_greedy
-                         else sample_token(logits[index], params, output.generator))
-                events.append(self._advance(row, output, token))
+                choose = token_chooser(logits[start:end], row.member.params, output.generator,
+                                       greedy[start:end])
+                written = accept(proposal, choose)
             except Exception as exc:  # noqa: BLE001 - one member's failure ends that member only
                 events.append(self._finish(row, None, "", "error",
                                            f"{type(exc).__name__}: {exc}"))
+                continue
+            if proposal:
+                self.scheduler.speculation.observe_verified(row, len(proposal), len(written) - 1)
+            for index, token in enumerate(written):
+                if index:  # the token before it was one the step fed: its key and value stay
+                    self.scheduler.keep_proposed(row)
+                events.append(self._advance(row, output, token))
+                if events[-1].finish_reason is not None:
+                    break
         return events
 
     def _logits(self, rows: list[Row], hidden: torch.Tensor) -> torch.Tensor:
@@ -203,7 +231,7 @@ class GroupedEngine:
 
     def _advance(self, row: Row, output: MemberOutput, token: int) -> TokenEvent:
         """Appends `token` to `row` and decides whether the row has finished."""
-        row.output_ids.append(token)
+        row.write(token)
         if token in output.stop_token_ids:
             return self._finish(row, token, output.stream.flush(), "stop")
         text = output.stream.add(token)

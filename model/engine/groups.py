@@ -9,6 +9,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from model.engine.prefix_cache import Node
+from model.engine.proposer import NgramIndex
 from model.engine.request import Member, Status
 
 _group_serials = itertools.count()
@@ -75,6 +76,12 @@ class Row:
     job: PrefillJob | None = None
     num_fed: int = 0  # own tokens whose KV is in the pool
     output_ids: list[int] = field(default_factory=list)
+    lookup: NgramIndex | None = None  # its prompt and output, once it has proposed
+
+    def write(self, token: int) -> None:
+        self.output_ids.append(token)
+        if self.lookup is not None:
+            self.lookup.extend([token])
 
     @property
     def is_finished(self) -> bool:

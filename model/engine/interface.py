@@ -25,6 +25,7 @@ from model.engine.options import (
     DECODE_GRAPH_ROWS,
     KV_CACHE_MB,
     MAX_PREFILL_TOKENS,
+    MAX_PROPOSAL_TOKENS,
     POOL_CONTEXTS,
     EngineOptions,
     describe_per_device,
@@ -46,10 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTO_WEIGHTS", "DECODE_GRAPH_ROWS", "ISA_CHOICES", "KV_CACHE_MB", "MAX_PREFILL_TOKENS",
-    "POOL_CONTEXTS", "SEED_RANGE", "WEIGHT_CHOICES", "Engine", "EngineCounters",
-    "EngineInputError", "EngineLimits", "EngineOptions", "IsaError", "Member", "SamplingParams",
-    "TokenEvent", "Usage", "check_isa_cap", "describe_per_device", "open_engine",
-    "use_cache_dir", "use_isa_cap",
+    "MAX_PROPOSAL_TOKENS", "POOL_CONTEXTS", "SEED_RANGE", "WEIGHT_CHOICES", "Engine",
+    "EngineCounters", "EngineInputError", "EngineLimits", "EngineOptions", "IsaError", "Member",
+    "SamplingParams", "TokenEvent", "Usage", "check_isa_cap", "describe_per_device",
+    "open_engine", "use_cache_dir", "use_isa_cap",
 ]
 
 log = logging.getLogger("groupwise.model")
@@ -96,7 +97,9 @@ def open_engine(loaded: LoadedModel, csa_checkpoint: Path | None,
     engine = GroupedEngine(loaded.model, loaded.tokenizer, head,
                            kv_cache_mb=options.kv_cache_mb,
                            max_prefill_tokens=options.max_prefill_tokens,
-                           decode_graph_rows=graph_rows)
-    log.info("KV cache: %d tokens (%.0f MiB)", engine.limits.kv_capacity,
-             engine.pool.kv.nbytes / 2**20)
+                           decode_graph_rows=graph_rows, speculate=options.speculate,
+                           max_proposal_tokens=options.max_proposal_tokens)
+    log.info("KV cache: %d tokens (%.0f MiB); speculation %s", engine.limits.kv_capacity,
+             engine.pool.kv.nbytes / 2**20,
+             f"auto, up to {options.max_proposal_tokens} tokens" if options.speculate else "off")
     return engine

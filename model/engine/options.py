@@ -11,6 +11,13 @@ MAX_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
 # decode steps of up to this many rows replay a captured CUDA graph (model.forward.cuda_graphs)
 DECODE_GRAPH_ROWS = {"cpu": 0, "cuda": 128}
 POOL_CONTEXTS = 16  # a default pool never holds more than this many full contexts
+# what a token adds to a decode step, as a share of the step's time apart from its tokens: the
+# speculation cost model's slope until the steps it sees show theirs (model.engine.speculation).
+# A CPU: 0.15-0.2 (bench.step, the embedded model in int4 on AVX2: 12.9 ms at 1 row, 26.8 at
+# 8, 93.5 at 32). A GPU: 0.005 (an 8B model on an H100, as SGLang publishes it: 7.4 ms a step
+# at 1 row, 11.8 ms at 128; a step is bound by reading the weights up to hundreds of rows)
+TOKEN_SHARE = {"cpu": 0.2, "cuda": 0.005}
+MAX_PROPOSAL_TOKENS = 8  # the longest proposal a row verifies in a step
 
 
 def per_device(defaults: dict[str, int], device_type: str) -> int:
@@ -30,3 +37,5 @@ class EngineOptions:
     kv_cache_mb: float | None = None
     max_prefill_tokens: int | None = None
     decode_graph_rows: int | None = None  # on CUDA; a CPU never replays decode graphs
+    speculate: bool = True  # rows verify proposed tokens where the cost model says it pays
+    max_proposal_tokens: int = MAX_PROPOSAL_TOKENS

@@ -115,3 +115,8 @@ class EngineCounters:
     kv_cache_usage: float  # share of the pool held by running sequences (not evictable prefixes)
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache, since the start
     prefix_cache_hits: int  # of those, tokens served from it (or from a group's shared prefix)
+    num_row_steps: int = 0  # decode steps of a row (a row in a step), since the start
+    num_decode_tokens: int = 0  # tokens they wrote (more than one a step with speculation)
+    num_drafts: int = 0  # proposals verified
+    num_draft_tokens: int = 0  # tokens proposed in them
+    num_accepted_tokens: int = 0  # of those, the ones written

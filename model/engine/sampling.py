@@ -1,7 +1,10 @@
 """Per-request sampling: greedy or temperature / top-k / top-p with a per-request seed (the
-params themselves are in `model.engine.request`)."""
+params themselves are in `model.engine.request`), and the tokens a row writes after verifying a
+proposal."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -38,3 +41,28 @@ def sample_token(
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_chooser(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None, greedy: list[int]) -> Callable[[int], int]:
+    """Position -> the token a row writes there, from its logits [positions, vocab], as it
+    would write it one token a step: the argmax (`greedy`, computed for the whole step at
+    once), or a draw from its own generator."""
+    if params.is_greedy:
+        return greedy.__getitem__
+    return lambda index: sample_token(logits[index], params, generator)
+
+
+def accept(proposal: list[int], choose: Callable[[int], int]) -> list[int]:
+    """The tokens a row writes after verifying `proposal`: `choose(i)`, the token it writes at
+    position i, asked in order while it agrees with the proposal, and once more after. A row
+    thus writes exactly what it would write token by token, drawing once per written token in
+    the same order; for a sampled row this is the rejection rule for a fixed proposal x
+    (accepted with probability p(x), else a draw from p without x, renormalized)."""
+    written = []
+    for index, proposed in enumerate(proposal):
+        written.append(choose(index))
+        if written[-1] != proposed:
+            return written
+    written.append(choose(len(proposal)))
+    return written

@@ -12,6 +12,9 @@ tested with token ids alone (the step loop around it, with the forward and sampl
     prefixes, then each row's rest of prompt), in order, up to `max_prefill_tokens`.
   - A group whose rows have all computed their prompts starts generating: its rows decode in
     lockstep (the group head sees its peers at the same step) and leave one by one.
+  - Speculation (`model.engine.speculation`): a decoding row may verify tokens proposed from
+    what it and its group have seen, when the step-time model says they pay. Rows of groups
+    the group head mixes (CSA) keep their lockstep and never speculate.
 
 A finished or aborted row keeps what it computed in the prefix cache and gives the rest of its
 extent back. Since a group's worst case is reserved at admission, a running row never runs out
@@ -21,33 +24,50 @@ of room; taking room back from running groups (preemption) would be a policy of 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from model.engine.groups import Chunk, Group, PrefillJob, Row, extents
 from model.engine.limits import shared_prefix_length
 from model.engine.prefix_cache import Node, PrefixCache
 from model.engine.request import EngineCounters, Member, Status, TokenEvent, Usage
 from model.engine.slots import SlotAllocator
+from model.engine.speculation import NO_SPECULATION, Speculation, SpeculationOptions
 
 
 @dataclass(frozen=True)
 class StepWork:
-    """What one step computes: a token of each decoding row, then the prefill chunks."""
+    """What one step computes: a token of each decoding row (with the tokens it verifies after
+    it, if it speculates), then the prefill chunks."""
 
     decode_rows: list[Row]
     chunks: list[Chunk]
+    proposals: dict[Row, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
         return not self.decode_rows and not self.chunks
 
+    @property
+    def num_tokens(self) -> int:
+        return (len(self.decode_rows) + sum(map(len, self.proposals.values()))
+                + sum(chunk.length for chunk in self.chunks))
+
 
 class Scheduler:
-    """Owns the pool's free slots and the prefix cache over them. Not thread-safe."""
+    """Owns the pool's free slots and the prefix cache over them. Not thread-safe.
+    `lockstep_trained`: the group head mixes the rows of groups that use it, so they never
+    speculate."""
 
-    def __init__(self, capacity: int, max_prefill_tokens: int):
+    def __init__(self, capacity: int, max_prefill_tokens: int,
+                 speculation: SpeculationOptions = NO_SPECULATION,
+                 lockstep_trained: bool = False):
         self.capacity = capacity  # slots of the KV pool
         self.max_prefill_tokens = max_prefill_tokens
+        self.speculation = Speculation(speculation)
+        self.lockstep_trained = lockstep_trained
+        self.num_row_steps = 0  # decode steps of a row, since the start
+        self.num_decode_tokens = 0  # tokens those steps wrote
+        self.num_drafts = 0  # proposals verified
         self.slots = SlotAllocator(capacity)
         self.cache = PrefixCache(self.slots)
         self.waiting: deque[Group] = deque()
@@ -70,7 +90,12 @@ class Scheduler:
         return EngineCounters(num_waiting=sum(len(g.members) for g in self.waiting),
                               kv_cache_usage=1.0 - idle / self.capacity,
                               prefix_cache_queries=self.prefix_cache_queries,
-                              prefix_cache_hits=self.prefix_cache_hits)
+                              prefix_cache_hits=self.prefix_cache_hits,
+                              num_row_steps=self.num_row_steps,
+                              num_decode_tokens=self.num_decode_tokens,
+                              num_drafts=self.num_drafts,
+                              num_draft_tokens=self.speculation.num_proposed,
+                              num_accepted_tokens=self.speculation.num_accepted)
 
     def add(self, group: Group) -> None:
         for member in group.members:
@@ -82,7 +107,11 @@ class Scheduler:
         self.running = [g for g in self.running if not g.is_done]
         while self.waiting and self._try_admit(self.waiting[0]):
             self.running.append(self.waiting.popleft())
-        return StepWork(self.decoding_rows(), self._take_chunks())
+        rows, chunks = self.decoding_rows(), self._take_chunks()
+        free = [row for row in rows
+                if not (self.lockstep_trained and row.group.uses_trained_head)]
+        num_tokens = len(rows) + sum(chunk.length for chunk in chunks)
+        return StepWork(rows, chunks, self.speculation.proposals(free, num_tokens))
 
     def decoding_rows(self) -> list[Row]:
         return [r for g in self.running for r in g.rows if r.is_decoding]
@@ -92,6 +121,9 @@ class Scheduler:
         (the order the forward returns their last prompt token's hidden state)."""
         for row in work.decode_rows:
             row.num_fed += 1
+        self.num_row_steps += len(work.decode_rows)
+        self.num_decode_tokens += len(work.decode_rows)
+        self.num_drafts += len(work.proposals)
         completed = []
         for chunk in work.chunks:
             job = chunk.job
@@ -104,6 +136,12 @@ class Scheduler:
                 self.cache.unlock(job.node)
         self.jobs = deque(j for j in self.jobs if not (j.is_done or j.is_dropped))
         return completed
+
+    def keep_proposed(self, row: Row) -> None:
+        """A token the row verified in the step was accepted: its key and value stay, and the
+        row writes one more token than its step's one."""
+        row.num_fed += 1
+        self.num_decode_tokens += 1
 
     def starting_rows(self) -> list[Row]:
         """Rows of groups whose every prompt is now computed: they decode from now on."""
