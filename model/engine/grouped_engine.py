@@ -170,7 +170,7 @@ class GroupedEngine:
         states = torch.cat([hidden[:fed], *(self._prompt_states.pop(row.member)[None]
                                             for row in starting)])
         events += self._write([*decoding, *starting], work.proposals, states)
-        self.scheduler.speculation.observe_step(work.num_tokens, time.perf_counter() - began)
+        self.scheduler.observe_step(work, time.perf_counter() - began)
         return events
 
     def run_forward(self, inputs: StepInputs) -> torch.Tensor:

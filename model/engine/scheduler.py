@@ -137,6 +137,13 @@ class Scheduler:
         self.jobs = deque(j for j in self.jobs if not (j.is_done or j.is_dropped))
         return completed
 
+    def observe_step(self, work: StepWork, seconds: float) -> None:
+        """The wall time of a step, for speculation's cost model: decode steps only, since a
+        prefill chunk's token costs less than a decode row's (its rows share each weight read
+        and each block of keys)."""
+        if not work.chunks:
+            self.speculation.observe_step(work.num_tokens, seconds)
+
     def keep_proposed(self, row: Row) -> None:
         """A token the row verified in the step was accepted: its key and value stay, and the
         row writes one more token than its step's one."""

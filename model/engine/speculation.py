@@ -1,7 +1,7 @@
 """When a decoding row verifies proposed tokens (`model.engine.proposer`), and how many: a proposal
 pays only when the tokens it is expected to add are worth the time they add to the step.
 
-A step's time is modelled as fixed + per_token * tokens, fitted to the steps the engine runs
+A step's time is modelled as fixed + per_token * tokens, fitted to the decode steps the engine runs
 (exponentially weighted least squares; until the steps vary enough to show the slope, a token
 costs the device's default share of the fixed part). A decode step is bound by reading the
 weights when it has few tokens (a GPU below hundreds of rows): there the fixed part dominates
