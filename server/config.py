@@ -262,8 +262,8 @@ OPTIONS = (
            "CPU runs); a cap never raises"),
     Option("speculate", "--speculate", "GROUPWISE_SPECULATE", str, "auto or off",
            "prompt-lookup speculation: auto (a decoding row verifies tokens proposed from its "
-           "prompt, its output and its group's answers, when the step-time model says they "
-           "pay) or off"),
+           "prompt, its output, its group's answers and its tenant's latest ones, when the "
+           "step-time model says they pay) or off"),
     Option("speculate_tokens", "--speculate-tokens", "GROUPWISE_SPECULATE_TOKENS", int,
            "an integer", "the most proposed tokens a row verifies in one step"),
 )

@@ -207,6 +207,34 @@ def test_groups_the_group_head_mixes_decode_in_lockstep_unspeculated(tiny, oracl
     assert verified and verified <= set(members[1])
 
 
+def test_a_step_that_computes_a_prompt_verifies_no_proposal(tiny, oracle_for):
+    """A request's first token never waits for proposals to be checked: steps with prefill
+    chunks carry none, and the decode steps between them do."""
+    params = SamplingParams(max_tokens=20)
+    prompts = [tiny.tokenizer.encode(f"{c} Question {i}?") for i, c in enumerate(CONTEXTS)]
+    members = [Member(p, params) for p in prompts]
+    oracle_for([members])
+    engine = engine_for(tiny, True)
+    works = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        works.append(schedule())
+        return works[-1]
+
+    engine.scheduler.schedule = recording
+    engine.add([members[0]])
+    for step in itertools.count():
+        if step in (3, 6):
+            engine.add([members[1 if step == 3 else 2]])
+        engine.step()
+        if not engine.has_work:
+            break
+    assert any(work.chunks and work.decode_rows for work in works)
+    assert all(not work.proposals for work in works if work.chunks)
+    assert any(work.proposals for work in works)
+
+
 def test_no_kv_slot_is_lost_to_rejected_proposals(tiny, oracle_for):
     groups = lambda: make_groups(tiny, [5, 3, 2], max_tokens=24)  # noqa: E731
     oracle_for(groups())
@@ -266,7 +294,7 @@ def test_a_proposal_comes_from_a_siblings_answer():
     group = group_of([[1, 2, 3], [1, 2, 4]], [[50, 60, 70, 80, 90], [7, 50, 60]])
     speculation = Speculation(SpeculationOptions(max_tokens=3))
     speculation.cost = Verifying()
-    proposals = speculation.proposals(group.rows, num_tokens=2)
+    proposals = speculation.proposals(group.rows, num_rows=2)
     assert proposals[group.rows[1]] == [70, 80, 90]
     assert group.rows[0] not in proposals  # "90" is new to everything it has seen
 
@@ -275,7 +303,7 @@ def test_a_proposal_never_carries_a_row_past_max_tokens():
     group = group_of([[5, 6, 7, 5, 6, 7, 5, 6]], [[7, 5]], max_tokens=5)
     speculation = Speculation(SpeculationOptions(max_tokens=8))
     speculation.cost = Verifying()
-    (proposal,) = speculation.proposals(group.rows, num_tokens=1).values()
+    (proposal,) = speculation.proposals(group.rows, num_rows=1).values()
     assert len(proposal) == 5 - 2 - 1  # room for the proposal and the token after it
 
 
@@ -284,9 +312,9 @@ def test_the_cost_model_speculates_where_a_step_is_bound_by_reading_weights_only
     tokens dominate (a CPU computing many rows): none does at a middling acceptance rate."""
     group = group_of([[1, 2, 3, 1, 2, 3, 1, 2]] * 40, [[3]] * 40)
     memory_bound = Speculation(SpeculationOptions(token_share=0.05))
-    assert memory_bound.proposals(group.rows[:1], num_tokens=1)
+    assert memory_bound.proposals(group.rows[:1], num_rows=1)
     compute_bound = Speculation(SpeculationOptions(token_share=0.25))
-    assert compute_bound.proposals(group.rows, num_tokens=40) == {}
+    assert compute_bound.proposals(group.rows, num_rows=40) == {}
 
 
 def test_proposals_are_as_long_as_matches_of_their_length_have_earned():
@@ -296,9 +324,9 @@ def test_proposals_are_as_long_as_matches_of_their_length_have_earned():
     sure, unsure = group.rows
     speculation = Speculation(SpeculationOptions(max_tokens=8, token_share=0.1))
     for _ in range(30):
-        for row, proposal in speculation.proposals(group.rows, num_tokens=2).items():
+        for row, proposal in speculation.proposals(group.rows, num_rows=2).items():
             speculation.observe_verified(row, len(proposal), len(proposal) if row is sure else 0)
-    proposals = speculation.proposals(group.rows, num_tokens=2)
+    proposals = speculation.proposals(group.rows, num_rows=2)
     assert list(proposals) == [sure]
     assert proposals[sure] == [5, 6, 7, 8, 9, 10, 11, 2]  # what followed "2 3 4", 8 tokens
     assert speculation.chance(3, 5) > 0.9 and speculation.chance(1, 0) < 0.3
@@ -359,3 +387,18 @@ def decode_states(engine: GroupedEngine, prompt: list[int], feeds: list[list[int
     member.abort()
     engine.step()
     return torch.cat(states)
+
+
+def test_an_earlier_answer_of_the_same_tenant_is_a_source_and_anothers_never_is():
+    speculation = Speculation(SpeculationOptions(max_tokens=3))
+    speculation.cost = Verifying()
+    (done,) = group_of([[1, 2, 3]], [[50, 60, 70, 80, 90]]).rows
+    speculation.remember(done)
+    (row,) = group_of([[4, 5, 6]], [[7, 60, 70]]).rows
+    assert speculation.proposals([row], num_rows=1) == {row: [80, 90]}
+    stranger = Group([Member([4, 5, 6], SamplingParams(max_tokens=50), namespace=("other", None))],
+                     False)
+    other = Row(stranger.members[0], stranger, row.leaf, [4, 5, 6], 0, 100, 0)
+    other.write(60)
+    stranger.rows.append(other)
+    assert speculation.proposals([other], num_rows=1) == {}

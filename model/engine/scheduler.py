@@ -12,9 +12,10 @@ tested with token ids alone (the step loop around it, with the forward and sampl
     prefixes, then each row's rest of prompt), in order, up to `max_prefill_tokens`.
   - A group whose rows have all computed their prompts starts generating: its rows decode in
     lockstep (the group head sees its peers at the same step) and leave one by one.
-  - Speculation (`model.engine.speculation`): a decoding row may verify tokens proposed from
-    what it and its group have seen, when the step-time model says they pay. Rows of groups
-    the group head mixes (CSA) keep their lockstep and never speculate.
+  - Speculation (`model.engine.speculation`): in a step without prefill chunks, a decoding row
+    may verify tokens proposed from what it, its group and its tenant have seen, when the
+    step-time model says they pay. Rows of groups the group head mixes (CSA) keep their
+    lockstep and never speculate.
 
 A finished or aborted row keeps what it computed in the prefix cache and gives the rest of its
 extent back. Since a group's worst case is reserved at admission, a running row never runs out
@@ -108,10 +109,11 @@ class Scheduler:
         while self.waiting and self._try_admit(self.waiting[0]):
             self.running.append(self.waiting.popleft())
         rows, chunks = self.decoding_rows(), self._take_chunks()
+        if chunks:  # a prompt's first token never waits for proposals to be checked
+            return StepWork(rows, chunks)
         free = [row for row in rows
                 if not (self.lockstep_trained and row.group.uses_trained_head)]
-        num_tokens = len(rows) + sum(chunk.length for chunk in chunks)
-        return StepWork(rows, chunks, self.speculation.proposals(free, num_tokens))
+        return StepWork(rows, chunks, self.speculation.proposals(free, len(rows)))
 
     def decoding_rows(self) -> list[Row]:
         return [r for g in self.running for r in g.rows if r.is_decoding]
@@ -138,9 +140,9 @@ class Scheduler:
         return completed
 
     def observe_step(self, work: StepWork, seconds: float) -> None:
-        """The wall time of a step, for speculation's cost model: decode steps only, since a
-        prefill chunk's token costs less than a decode row's (its rows share each weight read
-        and each block of keys)."""
+        """The wall time of a step, for speculation's cost model: decode steps only, the ones
+        that speculate (a prefill chunk's token also costs less than a decode row's: its rows
+        share each weight read and each block of keys)."""
         if not work.chunks:
             self.speculation.observe_step(work.num_tokens, seconds)
 
@@ -169,6 +171,7 @@ class Scheduler:
         self.cache.insert(row.leaf, row.own_tokens[: row.num_fed], row.tail_start)
         self.slots.free(row.tail_start + row.num_fed, row.tail_capacity - row.num_fed)
         self.cache.unlock(row.leaf)
+        self.speculation.remember(row)
         return Usage(len(row.member.prompt_ids), row.cached_tokens, len(row.output_ids))
 
     def drop_aborted(self) -> list[TokenEvent]:

@@ -15,24 +15,30 @@ in the proposals verified so far, for each length of the match they came from (a
 is accepted once token k - 1 was (until k was reached often, token k - 1's chance). A token's
 expected worth is the product of those chances up to it. Tokens are added to proposals, the
 likeliest first, while each adds more expected tokens per second than the step's current
-throughput. Torch-free: tested with numbers alone.
+throughput, with a margin. Torch-free: tested with numbers alone.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from model.engine.groups import Row
 from model.engine.proposer import NgramIndex, propose
 
 MAX_NGRAM = 4  # the longest run of a row's last tokens looked up
+RECENT_ANSWERS = 8  # finished answers of a scope kept as proposal sources
+RECENT_SCOPES = 64  # scopes (tenant and cache salt) that keep them, the least recent dropped
 PRIOR_RATE = 0.5  # a token's chance of acceptance before any was verified
 PRIOR_WEIGHT = 4.0  # proposed tokens the prior counts as
 DECAY = 0.98  # weight of the past in the step-time fit, per step
 PRIOR_SPREAD = 8.0  # tokens either side of the steps' mean where the prior steps lie
 PRIOR_STEP_WEIGHT = 0.5  # each prior step's weight (an observed step weighs 1, then fades)
+# a token is verified only when it is expected to return this much more than it costs: the
+# fit's line is an average, and a token at the margin gains next to nothing
+PAYBACK = 1.2
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,11 @@ class Speculation:
         self._reached = [[0] * shape[1] for _ in range(shape[0])]
         self._accepted = [[0] * shape[1] for _ in range(shape[0])]
         self._matches: dict[Row, int] = {}  # the match length of each proposal in flight
+        self._recent: OrderedDict[Hashable, deque[NgramIndex]] = OrderedDict()
 
-    def proposals(self, rows: Sequence[Row], num_tokens: int) -> dict[Row, list[int]]:
-        """What each of `rows` (decoding, free to speculate) verifies, in a step that already
-        has `num_tokens` tokens, one of them each row's last token."""
+    def proposals(self, rows: Sequence[Row], num_rows: int) -> dict[Row, list[int]]:
+        """What each of `rows` (decoding, free to speculate) verifies, in a decode step of
+        `num_rows` rows (`rows` among them), each with its last token."""
         if not self.options.enabled:
             return {}
         candidates: dict[Row, tuple[int, list[int]]] = {}
@@ -100,11 +107,12 @@ class Speculation:
             room = row.member.params.max_tokens - len(row.output_ids) - 1  # never past it
             limit = min(self.options.max_tokens, room)
             if limit > 0:
-                n, found = propose(_lookup(row), [_lookup(other) for other in _siblings(row)],
-                                   limit)
+                sources = [*map(_lookup, _siblings(row)),
+                           *self._recent.get(row.group.namespace, ())]
+                n, found = propose(_lookup(row), sources, limit)
                 if found:
                     candidates[row] = n, found
-        chosen = self._worthwhile(candidates, num_tokens, len(rows))
+        chosen = self._worthwhile(candidates, num_rows)
         self._matches = {row: candidates[row][0] for row in chosen}
         return chosen
 
@@ -118,11 +126,11 @@ class Speculation:
                       / (self._reached[match][position] + PRIOR_WEIGHT))
         return chance
 
-    def _worthwhile(self, candidates: dict[Row, tuple[int, list[int]]], num_tokens: int,
-                    num_outputs: int) -> dict[Row, list[int]]:
+    def _worthwhile(self, candidates: dict[Row, tuple[int, list[int]]],
+                    num_rows: int) -> dict[Row, list[int]]:
         """The proposals cut to the tokens worth their cost."""
         fixed, per_token = self.cost.line
-        seconds, worth = fixed + per_token * num_tokens, float(num_outputs)
+        seconds, worth = fixed + per_token * num_rows, float(num_rows)
         lengths = dict.fromkeys(candidates, 0)
         # the next token of each proposal, the likeliest first: (-its worth, order, row)
         heap = [(-self.chance(match, 0), order, row)
@@ -130,7 +138,7 @@ class Speculation:
         heapq.heapify(heap)
         while heap:
             value, order, row = heapq.heappop(heap)
-            if -value * seconds < worth * per_token:
+            if -value * seconds < PAYBACK * worth * per_token:
                 break  # worth less than it costs the step: so is every token after it
             lengths[row] += 1
             seconds, worth = seconds + per_token, worth - value
@@ -138,6 +146,18 @@ class Speculation:
             if lengths[row] < len(tokens):
                 heapq.heappush(heap, (value * self.chance(match, lengths[row]), order, row))
         return {row: candidates[row][1][:n] for row, n in lengths.items() if n}
+
+    def remember(self, row: Row) -> None:
+        """A finished row's answer, a source for the later rows of its scope: its tenant and
+        cache salt, never another's (what a proposal finds shows in how fast a row writes)."""
+        if not self.options.enabled or not row.output_ids:
+            return
+        scope = row.group.namespace
+        recent = self._recent.pop(scope, None) or deque(maxlen=RECENT_ANSWERS)
+        recent.appendleft(NgramIndex(MAX_NGRAM, row.output_ids))
+        self._recent[scope] = recent
+        while len(self._recent) > RECENT_SCOPES:
+            self._recent.popitem(last=False)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.observe(num_tokens, seconds)
