@@ -172,7 +172,10 @@ def test_every_stop_condition_holds_exactly_as_without_speculation(tiny, oracle_
 
     off, on, engine = both_ways(tiny, groups)
     assert on == off
-    assert engine.counters().num_accepted_tokens > 0
+    counters = engine.counters()
+    assert counters.num_accepted_tokens > 0
+    # a token accepted past a stop is not written, nor counted
+    assert counters.num_decode_tokens == counters.num_row_steps + counters.num_accepted_tokens
     assert on[0]["finish"] == ("length" if kind == "length" else "stop")
     assert len(on[0]["ids"]) < len(first)
 

@@ -69,6 +69,8 @@ class Scheduler:
         self.num_row_steps = 0  # decode steps of a row, since the start
         self.num_decode_tokens = 0  # tokens those steps wrote
         self.num_drafts = 0  # proposals verified
+        self.num_draft_tokens = 0  # tokens in them
+        self.num_accepted_tokens = 0  # of those, the ones rows wrote
         self.slots = SlotAllocator(capacity)
         self.cache = PrefixCache(self.slots)
         self.waiting: deque[Group] = deque()
@@ -95,8 +97,8 @@ class Scheduler:
                               num_row_steps=self.num_row_steps,
                               num_decode_tokens=self.num_decode_tokens,
                               num_drafts=self.num_drafts,
-                              num_draft_tokens=self.speculation.num_proposed,
-                              num_accepted_tokens=self.speculation.num_accepted)
+                              num_draft_tokens=self.num_draft_tokens,
+                              num_accepted_tokens=self.num_accepted_tokens)
 
     def add(self, group: Group) -> None:
         for member in group.members:
@@ -126,6 +128,7 @@ class Scheduler:
         self.num_row_steps += len(work.decode_rows)
         self.num_decode_tokens += len(work.decode_rows)
         self.num_drafts += len(work.proposals)
+        self.num_draft_tokens += sum(map(len, work.proposals.values()))
         completed = []
         for chunk in work.chunks:
             job = chunk.job
@@ -147,10 +150,11 @@ class Scheduler:
             self.speculation.observe_step(work.num_tokens, seconds)
 
     def keep_proposed(self, row: Row) -> None:
-        """A token the row verified in the step was accepted: its key and value stay, and the
-        row writes one more token than its step's one."""
+        """A token the row verified in the step was accepted and written: its key and value
+        stay, and the row writes one more token than its step's one."""
         row.num_fed += 1
         self.num_decode_tokens += 1
+        self.num_accepted_tokens += 1
 
     def starting_rows(self) -> list[Row]:
         """Rows of groups whose every prompt is now computed: they decode from now on."""

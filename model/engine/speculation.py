@@ -87,8 +87,6 @@ class Speculation:
     def __init__(self, options: SpeculationOptions):
         self.options = options
         self.cost = StepCost(options.token_share)
-        self.num_proposed = 0  # over all rows, since the start
-        self.num_accepted = 0
         # per match length n and position k (from 0): proposals that reached the k-th token
         # (all before it accepted), and of those, the ones that accepted it
         shape = (MAX_NGRAM + 1, options.max_tokens)
@@ -163,12 +161,11 @@ class Speculation:
         self.cost.observe(num_tokens, seconds)
 
     def observe_verified(self, row: Row, proposed: int, accepted: int) -> None:
+        """`row` agreed with the first `accepted` of its `proposed` tokens."""
         match = self._matches.pop(row)
         for k in range(min(accepted + 1, proposed)):
             self._reached[match][k] += 1
             self._accepted[match][k] += k < accepted
-        self.num_proposed += proposed
-        self.num_accepted += accepted
 
 
 def _add(sums: list[float], tokens: float, seconds: float, weight: float = 1.0) -> list[float]:
