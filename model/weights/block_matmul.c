@@ -79,8 +79,8 @@ static inline float half_to_float(const uint8_t *at) {
 
 /* Each variant defines VARIANT (its name), ROWS (rows of x that share each loaded block of
    weights), quantize_row, Q8_0_UNSIGNED (whether its Q8_0 activations are qx + 128) and
-   column_group_rows(format, rows, qx, dx, sx, k, weights, y, n, width): y[r][0 .. width - 1]
-   for rows 0 .. rows - 1 of one column group. */
+   column_group(format, rows, qx, dx, sx, k, weights, y, n, width): y[r][0 .. width - 1] for
+   rows 0 .. rows - 1 of one column group. */
 #if defined(GROUPWISE_PORTABLE)
 #include "block_matmul_scalar.h"
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -92,6 +92,30 @@ static inline float half_to_float(const uint8_t *at) {
 #else
 #include "block_matmul_scalar.h"
 #endif
+
+/* column_group with its format and row count as constants, so that a variant's loops over rows
+   and formats unroll into registers. */
+#define ROWS_CASE(R)                                                                       \
+    case R:                                                                                \
+        if (format == Q4_1)                                                                \
+            column_group(Q4_1, R, qx, dx, sx, k, weights, y, n, width);                     \
+        else                                                                               \
+            column_group(Q8_0, R, qx, dx, sx, k, weights, y, n, width);                     \
+        break;
+
+static void column_group_rows(enum format format, int rows, const int8_t *qx, const float *dx,
+                              const float *sx, int64_t k, const uint8_t *weights, float *y,
+                              int64_t n, int width) {
+    switch (rows) {
+        ROWS_CASE(1)
+#if ROWS > 1
+        ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#endif
+#if ROWS > 4
+        ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7) ROWS_CASE(8)
+#endif
+    }
+}
 
 /* The variant this library was built as: avx512, avx2, neon-dotprod, neon or scalar. */
 const char *block_matmul_variant(void) { return VARIANT; }

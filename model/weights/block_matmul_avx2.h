@@ -124,17 +124,3 @@ static inline __attribute__((always_inline)) void column_group(
         }
     }
 }
-
-#define ROWS_CASE(R)                                                                       \
-    case R:                                                                                \
-        if (format == Q4_1)                                                                \
-            column_group(Q4_1, R, qx, dx, sx, k, weights, y, n, width);                     \
-        else                                                                               \
-            column_group(Q8_0, R, qx, dx, sx, k, weights, y, n, width);                     \
-        break;
-
-static void column_group_rows(enum format format, int rows, const int8_t *qx, const float *dx,
-                              const float *sx, int64_t k, const uint8_t *weights, float *y,
-                              int64_t n, int width) {
-    switch (rows) { ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) }
-}

@@ -35,7 +35,8 @@ static inline __m512i broadcast4(const int8_t *at) {
    inlining, so the accumulators stay in registers). For Q8_0, qx holds qx + 128. */
 static inline __attribute__((always_inline)) void column_group(
     enum format format, int rows, const int8_t *qx, const float *dx, const float *sx, int64_t k,
-    const uint8_t *weights, float *y, int64_t n, __mmask16 mask) {
+    const uint8_t *weights, float *y, int64_t n, int width) {
+    const __mmask16 mask = (__mmask16)((1u << width) - 1u);
     const int64_t blocks = k / BLOCK;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[ROWS];
@@ -78,22 +79,4 @@ static inline __attribute__((always_inline)) void column_group(
         }
     }
     for (int r = 0; r < rows; ++r) _mm512_mask_storeu_ps(y + r * n, mask, acc[r]);
-}
-
-#define ROWS_CASE(R)                                                                       \
-    case R:                                                                                \
-        if (format == Q4_1)                                                                \
-            column_group(Q4_1, R, qx, dx, sx, k, weights, y, n, mask);                      \
-        else                                                                               \
-            column_group(Q8_0, R, qx, dx, sx, k, weights, y, n, mask);                      \
-        break;
-
-static void column_group_rows(enum format format, int rows, const int8_t *qx, const float *dx,
-                              const float *sx, int64_t k, const uint8_t *weights, float *y,
-                              int64_t n, int width) {
-    const __mmask16 mask = (__mmask16)((1u << width) - 1u);
-    switch (rows) {
-        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
-        ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7) ROWS_CASE(8)
-    }
 }

@@ -27,9 +27,9 @@ static inline void block_dots(enum format format, const uint8_t *block, const in
     }
 }
 
-static void column_group_rows(enum format format, int rows, const int8_t *qx, const float *dx,
-                              const float *sx, int64_t k, const uint8_t *weights, float *y,
-                              int64_t n, int width) {
+static void column_group(enum format format, int rows, const int8_t *qx, const float *dx,
+                         const float *sx, int64_t k, const uint8_t *weights, float *y, int64_t n,
+                         int width) {
     const int64_t blocks = k / BLOCK;
     const int64_t block_bytes = format == Q4_1 ? Q4_1_BYTES : Q8_0_BYTES;
     const int64_t scales = format == Q4_1 ? Q4_1_SCALES : Q8_0_SCALES;
