@@ -79,8 +79,8 @@ class GroupedEngine:
                                    self.pool.capacity, int(model.config.vocab_size))
         if max_prefill_tokens is None:
             max_prefill_tokens = per_device(MAX_PREFILL_TOKENS, self.device.type)
-        token_share = TOKEN_SHARE.get(self.device.type, TOKEN_SHARE["cpu"])
-        speculation = SpeculationOptions(speculate, max_proposal_tokens, token_share)
+        speculation = SpeculationOptions(speculate, max_proposal_tokens,
+                                         per_device(TOKEN_SHARE, self.device.type))
         self.scheduler = Scheduler(self.pool.capacity, max_prefill_tokens, speculation,
                                    lockstep_trained=self.csa is not None)
         self._outputs: dict[Member, MemberOutput] = {}

@@ -4,6 +4,9 @@ the server's `--help` reads the defaults before torch is imported."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
+
+Value = TypeVar("Value", int, float)
 
 KV_CACHE_MB = {"cpu": 1024, "cuda": 8192}
 # prompt tokens per step: on a GPU a step of 512 tokens mostly pays for its launches
@@ -20,12 +23,12 @@ TOKEN_SHARE = {"cpu": 0.2, "cuda": 0.005}
 MAX_PROPOSAL_TOKENS = 8  # the longest proposal a row verifies in a step
 
 
-def per_device(defaults: dict[str, int], device_type: str) -> int:
+def per_device(defaults: dict[str, Value], device_type: str) -> Value:
     """The device type's default; a CPU's for other devices."""
     return defaults.get(device_type, defaults["cpu"])
 
 
-def describe_per_device(defaults: dict[str, int]) -> str:
+def describe_per_device(defaults: dict[str, Value]) -> str:
     """'1024 on cpu, 8192 on cuda'."""
     return ", ".join(f"{value} on {device}" for device, value in defaults.items())
 

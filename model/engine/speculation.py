@@ -26,6 +26,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from model.engine.groups import Row
+from model.engine.options import MAX_PROPOSAL_TOKENS, TOKEN_SHARE
 from model.engine.proposer import NgramIndex, propose
 
 MAX_NGRAM = 4  # the longest run of a row's last tokens looked up
@@ -44,8 +45,8 @@ PAYBACK = 1.2
 @dataclass(frozen=True)
 class SpeculationOptions:
     enabled: bool = True
-    max_tokens: int = 8  # the longest proposal
-    token_share: float = 0.2  # what a token adds to a step, as a share of its fixed part
+    max_tokens: int = MAX_PROPOSAL_TOKENS  # the longest proposal
+    token_share: float = TOKEN_SHARE["cpu"]  # what a token adds to a step, of its fixed part
 
 
 NO_SPECULATION = SpeculationOptions(enabled=False)
