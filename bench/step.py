@@ -69,9 +69,12 @@ def decoding(engine: GroupedEngine, rows: list[list[int]], steps: int) -> list[M
     """Members for `rows`, all decoding (with room for `steps` more steps)."""
     engine.cache.clear()
     # rows that start early must still be decoding when the last one starts; a speculating row
-    # may write a whole proposal and one token more a step
-    per_step = 1 + engine.scheduler.speculation.options.max_tokens
-    params = SamplingParams(max_tokens=(steps + len(rows) * 2 + 16) * per_step, ignore_eos=True)
+    # may write a whole proposal and one token more a step, as far as the pool holds every row
+    options = engine.scheduler.speculation.options
+    per_step = 1 + options.max_tokens if options.enabled else 1
+    room = engine.limits.kv_capacity // len(rows) - max(map(len, rows))
+    params = SamplingParams(max_tokens=min((steps + len(rows) * 2 + 16) * per_step, room),
+                            ignore_eos=True)
     members = [Member(prompt, params) for prompt in rows]
     for member in members:
         engine.add([member], uses_trained_head=False)

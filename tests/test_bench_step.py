@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 from bench import step
+from model.engine.grouped_engine import GroupedEngine
+from model.engine.request import Status
 from model.weights.shapes import build_random_model
 from model.weights.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -42,3 +44,17 @@ def test_the_bench_reports_the_tokens_a_row_writes_per_step(capsys):
     assert row["tokens_per_row_step"] >= 1
     assert row["engine_tokens_per_s"] == 1000 * row["tokens_per_row_step"] / row["engine_ms"]
     assert "speculation on" in capsys.readouterr().out
+
+
+def test_every_row_fits_the_pool_together_whether_it_speculates_or_not():
+    """A row's worst case is reserved when it is admitted: rows that did not fit together would
+    never all decode, and the bench would wait for them forever."""
+    tiny = build_tiny_model()
+    rows = [[5 + i] * 40 for i in range(8)]
+    for speculate in (False, True):
+        engine = GroupedEngine(tiny.model, tiny.tokenizer, kv_cache_mb=0.5, speculate=speculate)
+        members = step.decoding(engine, rows, steps=20)
+        assert all(m.status is Status.DECODE for m in members)
+        reserved = sum(len(m.prompt_ids) + m.params.max_tokens for m in members)
+        assert reserved <= engine.limits.kv_capacity
+        step.finish(engine, members)
