@@ -104,6 +104,8 @@ def test_full_queue_is_429_and_a_queued_client_that_leaves_frees_its_slot(start_
     assert refused.headers["retry-after"] == "1"
     assert_error(post(server, "/chat/completions", {"messages": USER}), 429)
     waiting.close()  # the client gives up: the engine drops its question at the next step
+    # the gate opens once the server has noticed: else the question may finish first
+    wait_until(lambda: any(q.member.is_aborted for q in dispatcher_of(server)._in_engine))
     gated.gate.set()
     wait_until(lambda: counter(server, "groupwise:request_success_total",
                                finish_reason="abort") == 1)
