@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench import load
-from bench.run_squad import _positive
+from bench.cli import add_request_flags, add_start_timeout_flag
 from bench.squad_http import ServerError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,12 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", type=_scenario_names,
                         default=[case.name for case in CASES],
                         help="comma-separated subset of " + ", ".join(c.name for c in CASES))
-    parser.add_argument("--max-tokens", type=_positive(int), default=96,
-                        help="most generated tokens per question (default 96)")
-    parser.add_argument("--timeout", type=_positive(float), default=600.0,
-                        help="seconds per request (default 600)")
-    parser.add_argument("--start-timeout", type=_positive(float), default=600.0,
-                        help="seconds a started server may take to become healthy (default 600)")
+    add_request_flags(parser)
+    add_start_timeout_flag(parser)
     parser.add_argument("--json", help="write the table's rows and every run here")
     return parser.parse_args(argv)
 

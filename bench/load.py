@@ -40,9 +40,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.cli import add_request_flags, base_url, positive
 from bench.progress import Progress
 from bench.report import percentile
-from bench.run_squad import _base_url, _positive
 from bench.squad import (
     QUESTIONS_PER_CONTEXT,
     SELECTION_FILE,
@@ -518,7 +518,7 @@ def open_client(args: argparse.Namespace,
     """No connection limit: an open-loop bench must never queue on the client side."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     return httpx.AsyncClient(
-        base_url=_base_url(args.url), headers=headers, transport=transport,
+        base_url=base_url(args.url), headers=headers, transport=transport,
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
         timeout=httpx.Timeout(args.timeout, connect=10.0),
     )
@@ -601,36 +601,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", required=True, help="server root, e.g. http://localhost:8000")
     parser.add_argument("--scenario", required=True, choices=SCENARIOS,
                         help="the traffic pattern (described above)")
-    parser.add_argument("--contexts", type=_positive(int), default=8,
+    parser.add_argument("--contexts", type=positive(int), default=8,
                         help="passages of 5 questions (default 8; rate: see --num-requests)")
     parser.add_argument("--context-offset", type=int, default=0,
                         help="first passage of the shipped selection (default 0): a run on new "
                         "passages finds nothing of them in a server's cache")
-    parser.add_argument("--rounds", type=_positive(int), default=1,
+    parser.add_argument("--rounds", type=positive(int), default=1,
                         help="run the scenario this many times on the same passages (default 1)")
     parser.add_argument("--group-hints", action="store_true",
                         help="send a group id per passage and round (body `group_id` and "
                         "header `X-Group-Id`)")
     parser.add_argument("--model", help="model name to send (default: the server's first)")
     parser.add_argument("--api-key", help="sent as a Bearer token")
-    parser.add_argument("--max-tokens", type=_positive(int), default=96,
-                        help="most generated tokens per question (default 96)")
-    parser.add_argument("--long", type=_positive(int), default=1,
+    add_request_flags(parser)
+    parser.add_argument("--long", type=positive(int), default=1,
                         help="mixed: long generations (default 1)")
-    parser.add_argument("--long-tokens", type=_positive(int), default=256,
+    parser.add_argument("--long-tokens", type=positive(int), default=256,
                         help="mixed: max_tokens of a long generation (default 256)")
     parser.add_argument("--delay", type=float, default=1.0,
                         help="mixed: seconds from the long generations to the questions "
                         "(default 1.0)")
-    parser.add_argument("--num-requests", type=_positive(int), default=40,
+    parser.add_argument("--num-requests", type=positive(int), default=40,
                         help="rate: questions, in passage order (default 40)")
-    parser.add_argument("--request-rate", type=_positive(float),
+    parser.add_argument("--request-rate", type=positive(float),
                         help="rate: mean arrivals per second (required for rate)")
-    parser.add_argument("--burstiness", type=_positive(float), default=1.0,
+    parser.add_argument("--burstiness", type=positive(float), default=1.0,
                         help="rate: gamma shape of the gaps; 1 = Poisson, lower = burstier")
     parser.add_argument("--seed", type=int, default=0,
                         help="rate: arrival-time seed; clients: question-order seed (default 0)")
-    parser.add_argument("--clients", type=_positive(int), default=4,
+    parser.add_argument("--clients", type=positive(int), default=4,
                         help="clients: users asking at once (default 4)")
     parser.add_argument("--hot-share", type=float, default=0.0,
                         help="share of the questions asked about the first passage, moved there "
@@ -638,8 +637,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system-prompt-file",
                         help="every question's system prompt, from this file (default: the "
                         "answer-in-tags prompt)")
-    parser.add_argument("--timeout", type=_positive(float), default=600.0,
-                        help="seconds per request (default 600)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed warm-up request")
     parser.add_argument("--json", help="write the config, every round's summary and every "

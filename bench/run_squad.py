@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.cli import add_request_flags, base_url, positive
 from bench.plot import plot_summaries
 from bench.progress import Progress
 from bench.report import Prices, format_tables, question_record, summarize, write_json
@@ -143,7 +144,7 @@ async def run_bench(
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency,
                           max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=_base_url(args.url), headers=headers, limits=limits,
+    async with httpx.AsyncClient(base_url=base_url(args.url), headers=headers, limits=limits,
                                  timeout=httpx.Timeout(args.timeout, connect=10.0),
                                  transport=transport) as client:
         model = args.model or await fetch_model_id(client)
@@ -154,12 +155,6 @@ async def run_bench(
         runs = [await run_group_size(bench, plans[size], size, prices)
                 for size in args.group_sizes]
     return model, runs
-
-
-def _base_url(url: str) -> str:
-    """Accepts the server root or an OpenAI-style base URL ending in /v1."""
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 def _check_concurrency(args: argparse.Namespace, plans: dict[int, list[Group]]) -> None:
@@ -211,15 +206,6 @@ def _group_sizes(text: str) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -240,21 +226,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--faithful", action="store_true",
                         help="the original flat chunking: 480 questions cut into consecutive "
                         "chunks that may mix contexts")
-    parser.add_argument("--contexts", type=_positive(int), default=100,
+    parser.add_argument("--contexts", type=positive(int), default=100,
                         help="how many contexts of 5 questions (default 100)")
     parser.add_argument("--seed", type=int, default=42, help="selection shuffle seed (default 42)")
     parser.add_argument("--squad", help="a full SQuAD v1.1 dev JSON instead of the shipped "
                         "selection (needed for another --seed or more than 100 contexts)")
     parser.add_argument("--group-sizes", type=_group_sizes, default=[1, 2, 3, 4, 5],
                         help="comma-separated group sizes G, run in this order (default 1,2,3,4,5)")
-    parser.add_argument("--concurrency", type=_positive(int), default=8,
+    parser.add_argument("--concurrency", type=positive(int), default=8,
                         help="most requests in flight (default 8)")
     parser.add_argument("--model", help="model name to send (chat default: the server's first)")
     parser.add_argument("--api-key", help="sent as a Bearer token")
-    parser.add_argument("--max-tokens", type=_positive(int), default=96,
-                        help="most generated tokens per answer (default 96)")
-    parser.add_argument("--timeout", type=_positive(float), default=600.0,
-                        help="seconds per request (default 600)")
+    add_request_flags(parser)
     parser.add_argument("--price-in", type=float, default=0.10,
                         help="US dollars per million prompt tokens (default 0.10)")
     parser.add_argument("--price-out", type=float, default=0.20,

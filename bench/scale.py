@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import load
+from bench.cli import add_request_flags, add_start_timeout_flag, positive
 from bench.compare import REPO, Case, case_offsets, free_port, load_args, wait_healthy
-from bench.run_squad import _positive
 
 ROUTER_SCRIPT = REPO / "deploy" / "router" / "start.sh"
 SYSTEM_PROMPT_FILE = Path(__file__).resolve().parent / "data" / "retrieval-system-prompt.txt"
@@ -202,7 +202,7 @@ def _names(known: tuple[str, ...]):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=_positive(int), default=2,
+    parser.add_argument("--replicas", type=positive(int), default=2,
                         help="replicas behind the router (default 2)")
     parser.add_argument("--server-args", default="--threads 1",
                         help="flags for every `python -m server` (default \"--threads 1\")")
@@ -214,14 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated subset of " + ", ".join(routing_names))
     parser.add_argument("--scenarios", type=_names(tuple(SCENARIOS)), default=list(SCENARIOS),
                         help="comma-separated subset of " + ", ".join(SCENARIOS))
-    parser.add_argument("--contexts", type=_positive(int), default=8,
+    parser.add_argument("--contexts", type=positive(int), default=8,
                         help="passages per scenario (default 8)")
-    parser.add_argument("--max-tokens", type=_positive(int), default=96,
-                        help="most generated tokens per question (default 96)")
-    parser.add_argument("--timeout", type=_positive(float), default=600.0,
-                        help="seconds per request (default 600)")
-    parser.add_argument("--start-timeout", type=_positive(float), default=600.0,
-                        help="seconds a started server may take to become healthy (default 600)")
+    add_request_flags(parser)
+    add_start_timeout_flag(parser)
     parser.add_argument("--json", help="write the table's rows and every run here")
     return parser.parse_args(argv)
 
