@@ -110,9 +110,7 @@ def run_group_size(
         "completion_tokens": sum(u.completion_tokens for u in usages),
         "seconds": seconds,
         "questions_per_second": len(questions) / seconds,
-        # decode tokens written per row per step: 1 without speculation
-        "tokens_per_row_step": ((counters.num_decode_tokens - counted.num_decode_tokens)
-                                / max(counters.num_row_steps - counted.num_row_steps, 1)),
+        "tokens_per_row_step": counters.tokens_per_row_step_since(counted),
         **{key: sum(s[key] for s in scores) / len(scores) for key in ("em", "f1", "lenient")},
         "tag_rate": sum(s["has_tags"] for s in scores) / len(scores),
         "answers": {q.id: texts[q.id] for q in questions},

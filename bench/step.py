@@ -104,8 +104,7 @@ def engine_steps(engine: GroupedEngine, rows: list[list[int]],
         times.append(time.perf_counter() - began)
     counters = engine.counters()
     finish(engine, members)
-    tokens = counters.num_decode_tokens - counted.num_decode_tokens
-    return 1000 * statistics.fmean(times), tokens / (counters.num_row_steps - counted.num_row_steps)
+    return 1000 * statistics.fmean(times), counters.tokens_per_row_step_since(counted)
 
 
 def prefill_tokens_per_s(engine: GroupedEngine, prompt: list[int]) -> float:

@@ -163,7 +163,7 @@ class GroupedEngine:
             return events
         inputs, decoding = build_step(work, self.forward.scale)
         hidden = self.run_forward(inputs)
-        fed = len(decoding) + sum(map(len, work.proposals.values()))
+        fed = work.num_decoding_tokens
         for row, state in zip(self.scheduler.complete(work), hidden[fed:]):
             self._prompt_states[row.member] = state
         starting = self.scheduler.starting_rows()

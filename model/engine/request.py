@@ -120,3 +120,8 @@ class EngineCounters:
     num_drafts: int = 0  # proposals verified
     num_draft_tokens: int = 0  # tokens proposed in them
     num_accepted_tokens: int = 0  # of those, the ones written
+
+    def tokens_per_row_step_since(self, earlier: EngineCounters) -> float:
+        """Decode tokens a row wrote per step since `earlier`: 1 without speculation."""
+        row_steps = self.num_row_steps - earlier.num_row_steps
+        return (self.num_decode_tokens - earlier.num_decode_tokens) / max(row_steps, 1)

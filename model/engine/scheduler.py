@@ -49,9 +49,13 @@ class StepWork:
         return not self.decode_rows and not self.chunks
 
     @property
+    def num_decoding_tokens(self) -> int:
+        """What the decoding rows feed: each its last token, and its proposal."""
+        return len(self.decode_rows) + sum(map(len, self.proposals.values()))
+
+    @property
     def num_tokens(self) -> int:
-        return (len(self.decode_rows) + sum(map(len, self.proposals.values()))
-                + sum(chunk.length for chunk in self.chunks))
+        return self.num_decoding_tokens + sum(chunk.length for chunk in self.chunks)
 
 
 class Scheduler:
@@ -128,7 +132,7 @@ class Scheduler:
         self.num_row_steps += len(work.decode_rows)
         self.num_decode_tokens += len(work.decode_rows)
         self.num_drafts += len(work.proposals)
-        self.num_draft_tokens += sum(map(len, work.proposals.values()))
+        self.num_draft_tokens += work.num_decoding_tokens - len(work.decode_rows)
         completed = []
         for chunk in work.chunks:
             job = chunk.job
