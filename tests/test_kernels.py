@@ -50,3 +50,11 @@ def test_rotate_and_store_matches_the_torch_ops(isa):
     assert torch.equal(q_kernel, q_torch)
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
     assert pools[0][:, slots].abs().sum() > 0 and pools[0][:, 1].abs().sum() == 0
+
+
+def test_silu_and_mul_matches_torch_on_the_halves_of_one_projection(isa):
+    gate_up = torch.randn(70, 2 * 40) * 4  # more than 64 tokens: the threaded path too
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # e^-|x| clamped, and zeros
+    gate, up = gate_up[:, :40], gate_up[:, 40:]
+    out = kernels.for_isa(isa).silu_and_mul(gate, up)
+    assert torch.allclose(out, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)

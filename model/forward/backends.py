@@ -60,14 +60,15 @@ class TorchOps:
 
 
 class CpuKernels(TorchOps):
-    """fp32 on a CPU: attention, the norm and rotary + store in C (`cpu_kernels.c`)."""
+    """fp32 on a CPU: attention, the norm, rotary + store and the gated SiLU in C
+    (`cpu_kernels.c`)."""
 
     reads_extents_only = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 kernels: cpu_kernels.StepKernels):
+                 kernels: cpu_kernels.StepKernels, gated_silu: bool):
         super().__init__(num_heads, num_kv_heads, head_dim)
-        self.kernels = kernels
+        self.kernels, self.gated_silu = kernels, gated_silu
 
     def attend(self, q, keys, values, plan) -> torch.Tensor:
         extents = plan.extents
@@ -80,6 +81,11 @@ class CpuKernels(TorchOps):
     def rotate_and_store(self, qkv, cos, sin, keys, values, slots) -> torch.Tensor:
         return self.kernels.rotate_and_store(qkv, cos, sin, keys, values, slots, self.num_heads,
                                              self.head_dim)
+
+    def gated(self, gate, up, act_fn) -> torch.Tensor:
+        if self.gated_silu:
+            return self.kernels.silu_and_mul(gate, up)
+        return act_fn(gate) * up
 
 
 class TritonKernels(TorchOps):
@@ -118,7 +124,7 @@ def ops_for(x: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     """The fastest backend that runs a step whose activations are x."""
     kernels = cpu_kernels.for_isa()
     if kernels is not None and cpu_kernels.usable_for(x, head_dim):
-        return CpuKernels(num_heads, num_kv_heads, head_dim, kernels)
+        return CpuKernels(num_heads, num_kv_heads, head_dim, kernels, gated_silu)
     if x.is_cuda and triton_available():
         return TritonKernels(num_heads, num_kv_heads, head_dim, gated_silu)
     return TorchOps(num_heads, num_kv_heads, head_dim)

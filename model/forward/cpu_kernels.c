@@ -43,10 +43,11 @@
 /* The variant this library was built as: avx2, neon or scalar. */
 const char *cpu_kernels_variant(void) { return VARIANT; }
 
-/* e^x for x <= 0, elementwise so that it vectorizes (libm's expf does not, without fast-math):
-   x = n ln2 + r, e^x = 2^n e^r, e^r by Cephes' expf polynomial (about 1 ulp). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x; /* e^-87 ~ 1.6e-38: keeps 2^n a normal float */
+/* e^x for -87 <= x <= 0: x = n ln2 + r, e^x = 2^n e^r, e^r by Cephes' expf polynomial (about
+   1 ulp). Elementwise, without libm's expf (which does not vectorize), so that a loop of it
+   vectorizes; the loop that clamps x to -87 is kept apart, as GCC turns a clamp inside this
+   one into a branch and leaves the loop scalar. */
+static inline float exp_clamped(float x) {
     const float n = rintf(x * 1.44269504088896341f);
     float r = fmaf(n, -0.693359375f, x);
     r = fmaf(n, 2.12194440e-4f, r);
@@ -59,6 +60,16 @@ static inline float exp_nonpositive(float x) {
     p = fmaf(p, r * r, r) + 1.0f;
     union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
     return p * scale.f;
+}
+
+/* x[i] = e^(x[i] - shift) for x[i] <= shift; e^-87 ~ 1.6e-38 stands for anything smaller, which
+   keeps 2^n a normal float. */
+static void exp_shifted(float *x, int64_t length, float shift) {
+    for (int64_t i = 0; i < length; ++i) {
+        const float y = x[i] - shift;
+        x[i] = y < -87.0f ? -87.0f : y;
+    }
+    for (int64_t i = 0; i < length; ++i) x[i] = exp_clamped(x[i]);
 }
 
 #define TILE 8         /* consecutive tokens of one sequence computed together */
@@ -76,7 +87,7 @@ static void softmax(float *row, int64_t length) {
     for (; i < length; ++i) top[i % LANES] = row[i] > top[i % LANES] ? row[i] : top[i % LANES];
     float most = top[0];
     for (int l = 1; l < LANES; ++l) most = top[l] > most ? top[l] : most;
-    for (i = 0; i < length; ++i) row[i] = exp_nonpositive(row[i] - most);
+    exp_shifted(row, length, most);
     for (i = 0; i + LANES <= length; i += LANES)
         for (int l = 0; l < LANES; ++l) lanes[l] += row[i + l];
     for (; i < length; ++i) lanes[i % LANES] += row[i];
@@ -216,4 +227,111 @@ void rotate_and_store(const float *q, const float *k, const float *v, int64_t st
             memcpy(values + slot, v + t * stride + h * head_dim, sizeof(float) * head_dim);
         }
     }
+}
+
+/* out[t] = silu(gate[t]) * up[t] for each token's `width` gate and up values, silu(x) =
+   x * sigmoid(x) with e^-|x| from exp_shifted; rows of gate and up are gate_stride and up_stride
+   floats apart (two halves of one fused projection, or two). Each loop vectorizes. */
+void silu_and_mul(const float *gate, int64_t gate_stride, const float *up, int64_t up_stride,
+                  float *out, int64_t num_tokens, int64_t width, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_tokens * width >= 16384)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        const float *g = gate + t * gate_stride, *u = up + t * up_stride;
+        float *e = out + t * width;
+        for (int64_t i = 0; i < width; ++i) e[i] = -fabsf(g[i]);
+        exp_shifted(e, width, 0.0f);
+        for (int64_t i = 0; i < width; ++i)
+            e[i] = (g[i] * ((g[i] >= 0.0f ? 1.0f : e[i]) / (1.0f + e[i]))) * u[i];
+    }
+}
+
+/* y [m, n] = x [m, k] W^T for W in packed blocks: block_matmul.c's q4_1_matmul, from the other
+   library (its address comes from Python), so that one build of it serves both. */
+typedef int (*block_product)(const float *x, int64_t m, int64_t k, const uint8_t *weights,
+                             int64_t n, float *y, int num_threads);
+
+/* One decoder layer's weights: its norms' and, for each linear, the packed blocks and the bias
+   (NULL for none). Ten addresses, as Python lays them out. */
+struct layer_weights {
+    const float *input_norm, *post_norm;
+    const uint8_t *qkv;
+    const float *qkv_bias;
+    const uint8_t *o;
+    const float *o_bias;
+    const uint8_t *gate_up;
+    const float *gate_up_bias;
+    const uint8_t *down;
+    const float *down_bias;
+};
+
+static int project(block_product product, const float *x, int64_t m, int64_t k,
+                   const uint8_t *weights, const float *bias, int64_t n, float *y,
+                   int num_threads) {
+    if (product(x, m, k, weights, n, y, num_threads)) return 1;
+    if (bias != NULL)
+        for (int64_t t = 0; t < m; ++t)
+            for (int64_t j = 0; j < n; ++j) y[t * n + j] += bias[j];
+    return 0;
+}
+
+static void add(float *x, const float *delta, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) x[i] += delta[i];
+}
+
+/* Every layer of a decoder step, each op as its own function computes it when called alone
+   (the same bits as the step op by op): per layer, x += delta (from the second layer on), norm,
+   the q / k / v projection, rotary + store into the pool, attention, the output projection,
+   x += it, norm, the gate / up projection, silu(gate) * up, the down projection into delta.
+   x [tokens, hidden] is the residual stream, in and out; delta [tokens, hidden] gets the last
+   layer's output (not yet added). pool [layers, 2, kv_heads, num_slots, head_dim]; cos / sin
+   [tokens, head_dim]; slots and the attention extents as rotate_and_store and attend_spans take
+   them. Returns 0, or 1 when scratch memory could not be allocated. */
+int decoder_layers(float *x, float *delta, int64_t num_tokens,
+                   const struct layer_weights *layers, int64_t num_layers, int64_t hidden,
+                   int64_t intermediate, float eps, block_product product, float *pool,
+                   const float *cos, const float *sin, const int64_t *slots,
+                   const int64_t *extent_starts, const int64_t *extent_lengths,
+                   const int64_t *span_extents, const int64_t *span_tokens, int64_t num_spans,
+                   int64_t num_heads, int64_t num_kv_heads, int64_t num_slots, int64_t head_dim,
+                   float scale, int num_threads) {
+    const int64_t t = num_tokens, attention_width = num_heads * head_dim;
+    const int64_t qkv_width = (num_heads + 2 * num_kv_heads) * head_dim;
+    const int64_t layer_floats = num_kv_heads * num_slots * head_dim; /* keys, or values */
+    float *h = malloc(sizeof(float) * (size_t)(t * hidden));
+    float *qkv = malloc(sizeof(float) * (size_t)(t * qkv_width));
+    float *q = malloc(sizeof(float) * (size_t)(t * attention_width));
+    float *attended = malloc(sizeof(float) * (size_t)(t * attention_width));
+    float *gate_up = malloc(sizeof(float) * (size_t)(t * 2 * intermediate));
+    float *gated = malloc(sizeof(float) * (size_t)(t * intermediate));
+    int failed = h == NULL || qkv == NULL || q == NULL || attended == NULL || gate_up == NULL ||
+                 gated == NULL;
+    for (int64_t l = 0; l < num_layers && !failed; ++l) {
+        const struct layer_weights *w = layers + l;
+        float *keys = pool + 2 * l * layer_floats, *values = keys + layer_floats;
+        if (l > 0) add(x, delta, t * hidden);
+        rms_norm(x, w->input_norm, h, t, hidden, eps, num_threads);
+        failed = project(product, h, t, hidden, w->qkv, w->qkv_bias, qkv_width, qkv,
+                         num_threads);
+        if (failed) break;
+        const float *k = qkv + attention_width, *v = k + num_kv_heads * head_dim;
+        rotate_and_store(qkv, k, v, qkv_width, cos, sin, q, keys, values, slots, t, num_heads,
+                         num_kv_heads, num_slots, head_dim, num_threads);
+        failed = attend_spans(q, keys, values, attended, extent_starts, extent_lengths,
+                              span_extents, span_tokens, num_spans, num_heads, num_kv_heads,
+                              num_slots, head_dim, scale, num_threads) ||
+                 project(product, attended, t, attention_width, w->o, w->o_bias, hidden, delta,
+                         num_threads);
+        if (failed) break;
+        add(x, delta, t * hidden);
+        rms_norm(x, w->post_norm, h, t, hidden, eps, num_threads);
+        failed = project(product, h, t, hidden, w->gate_up, w->gate_up_bias, 2 * intermediate,
+                         gate_up, num_threads);
+        if (failed) break;
+        silu_and_mul(gate_up, 2 * intermediate, gate_up + intermediate, 2 * intermediate, gated,
+                     t, intermediate, num_threads);
+        failed = project(product, gated, t, intermediate, w->down, w->down_bias, hidden, delta,
+                         num_threads);
+    }
+    free(h), free(qkv), free(q), free(attended), free(gate_up), free(gated);
+    return failed;
 }

@@ -1,7 +1,7 @@
 """The C kernels of a decoder step on a CPU (`cpu_kernels.c`): attention, RMS norm, rotary +
-KV store, in the variant of the instruction set `model.native` chooses (AVX2, NEON or portable C;
-all compute the same bits). Without a C compiler the step runs on torch ops instead (and says so
-once in the log).
+KV store, the gated SiLU, and all of a step's layers in one call, in the variant of the
+instruction set `model.native` chooses (AVX2, NEON or portable C; all compute the same bits).
+Without a C compiler the step runs on torch ops instead (and says so once in the log).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from model.forward.attention import SpanExtents
 from model.native import FLOAT, INT, INT64, POINTER, build_library, chosen_isa
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -20,6 +21,9 @@ SIGNATURES: dict[str, tuple[list[Any], Any]] = {  # function -> (argument types,
     "attend_spans": ([POINTER] * 8 + [INT64] * 5 + [FLOAT, INT], INT),
     "rms_norm": ([POINTER] * 3 + [INT64] * 2 + [FLOAT, INT], None),
     "rotate_and_store": ([POINTER] * 3 + [INT64] + [POINTER] * 6 + [INT64] * 5 + [INT], None),
+    "silu_and_mul": ([POINTER, INT64, POINTER, INT64, POINTER, INT64, INT64, INT], None),
+    "decoder_layers": ([POINTER, POINTER, INT64, POINTER, INT64, INT64, INT64, FLOAT]
+                       + [POINTER] * 9 + [INT64] * 5 + [FLOAT, INT], INT),
     "cpu_kernels_variant": ([], ctypes.c_char_p),
 }
 
@@ -80,6 +84,45 @@ class StepKernels:
             values.data_ptr(), slots.data_ptr(), num_tokens, num_heads, num_kv_heads, num_slots,
             head_dim, torch.get_num_threads())
         return q_out
+
+    def silu_and_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate and up [T, I] (fp32, CPU; rows may be strided, as two
+        halves of one projection's output are), in one call."""
+        gate, up = _rows_contiguous(gate), _rows_contiguous(up)
+        out = gate.new_empty(gate.shape)
+        self._library.silu_and_mul(gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0),
+                                   out.data_ptr(), gate.shape[0], gate.shape[1],
+                                   torch.get_num_threads())
+        return out
+
+    def decoder_layers(self, x: torch.Tensor, layers: torch.Tensor, intermediate: int,
+                       eps: float, product: int, kv: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, slots: torch.Tensor, extents: SpanExtents,
+                       num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer of a step over x [T, d] (fp32, CPU), each op as the methods above compute
+        it: (the residual stream without the last layer's MLP output, that output), [T, d]
+        each. layers: [L, 10] int64, each layer's weight addresses
+        as `cpu_layers` lays them out; product: the address of the block matmul that multiplies
+        them; kv: the pool [L, 2, Hkv, slots, D]."""
+        x = x.contiguous().clone()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        delta = torch.empty_like(x)
+        _, _, num_kv_heads, num_slots, head_dim = kv.shape
+        failed = self._library.decoder_layers(
+            x.data_ptr(), delta.data_ptr(), x.shape[0], layers.data_ptr(), layers.shape[0],
+            x.shape[1], intermediate, eps, product, kv.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), slots.data_ptr(), extents.starts.data_ptr(),
+            extents.lengths.data_ptr(), extents.firsts.data_ptr(), extents.tokens.data_ptr(),
+            extents.firsts.shape[0] - 1, num_heads, num_kv_heads, num_slots, head_dim, scale,
+            torch.get_num_threads())
+        if failed:
+            raise MemoryError("the decoder layers could not allocate their scratch memory")
+        return x, delta
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [T, I] with each row's elements side by side (rows may stand apart)."""
+    return x if x.stride(1) == 1 else x.contiguous()
 
 
 @functools.cache

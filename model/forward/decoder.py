@@ -17,7 +17,8 @@ from torch import nn
 
 from model.forward import cpu_kernels
 from model.forward.attention import AttentionPlan, SpanExtents
-from model.forward.backends import TorchOps, ops_for
+from model.forward.backends import CpuKernels, TorchOps, ops_for
+from model.forward.cpu_layers import LayerStack
 from model.weights.formats import joined_projection, split_projection
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -89,7 +90,9 @@ class _Block:
 
 
 class DecoderForward:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, whole_layers: bool = True):
+        """whole_layers: on a CPU, a model of int4 weights runs all its layers in one C call
+        (`cpu_layers`; the same bits as op by op, which False keeps)."""
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -109,8 +112,11 @@ class DecoderForward:
         self.scale = self.head_dim**-0.5
         self.gated_silu = getattr(config, "hidden_act", None) in ("silu", "swish")
         self._ops: dict[tuple, TorchOps] = {}
+        self.layer_stack: LayerStack | None = None
         if self.embed.weight.device.type == "cpu":
             cpu_kernels.for_isa()  # built (or found in the cache) now, not in the first request
+            if whole_layers:
+                self.layer_stack = LayerStack.of(body.layers, getattr(config, "hidden_act", None))
 
     @property
     def pool_shape(self) -> PoolShape:
@@ -138,6 +144,9 @@ class DecoderForward:
         ops = self.ops(x)
         cos, sin = self.rotary(x, step.positions[None])  # [1, T, D] each
         cos, sin = cos[0], sin[0]
+        if self.layer_stack is not None and isinstance(ops, CpuKernels):
+            x, delta = self.layer_stack(ops.kernels, x, self.num_heads, kv, cos, sin, step)
+            return ops.norm(x[step.output_index] + delta[step.output_index], self.norm)
         delta = None  # each block's last output, added to x by the next norm
         for index, block in enumerate(self.blocks):
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]

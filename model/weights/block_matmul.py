@@ -27,6 +27,8 @@ class BlockMatmul:
     def __init__(self, library: ctypes.CDLL):
         self._library = library
         self.variant: str = library.block_matmul_variant().decode()
+        # where q4_1_matmul is, for C code that multiplies by it itself (cpu_kernels.c)
+        self.q4_1_address: int = ctypes.cast(library.q4_1_matmul, ctypes.c_void_p).value or 0
 
     def q4_1(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """x [M, K] fp32 times Q4_1 weights packed by `gguf_blocks.pack_q4_1`: [M, N] fp32."""

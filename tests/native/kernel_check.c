@@ -139,6 +139,15 @@ static void check_rotary(int64_t tokens, int64_t heads, int64_t kv_heads, int64_
     free(qkv), free(cos), free(sin), free(q), free(pool), free(where);
 }
 
+static void check_silu(int64_t tokens, int64_t width) {
+    float *gate_up = malloc(sizeof(float) * (size_t)(tokens * 2 * width));
+    float *out = malloc(sizeof(float) * (size_t)(tokens * width));
+    fill(gate_up, tokens * 2 * width, -12.0f, 12.0f);
+    silu_and_mul(gate_up, 2 * width, gate_up + width, 2 * width, out, tokens, width, 2);
+    print_hash("silu_and_mul", tokens, width, 0, out, sizeof(float) * (size_t)(tokens * width));
+    free(gate_up), free(out);
+}
+
 int main(void) {
     printf("variants %s %s\n", block_matmul_variant(), cpu_kernels_variant());
     const int64_t rows[] = {1, 2, 4, 5, 8, 9, 21}, widths[] = {32, 96, 576};
@@ -154,5 +163,7 @@ int main(void) {
     check_norm(3, 40);
     check_rotary(70, 9, 3, 64);
     check_rotary(5, 4, 2, 24);
+    check_silu(70, 1536); /* SmolLM2's MLP width */
+    check_silu(3, 40);
     return 0;
 }
