@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from server import grouping
 from server.grouping import GroupingPolicy, GroupQueue
 
 
@@ -95,3 +96,34 @@ def test_closing_open_groups_makes_them_ready_and_stops_joining():
     queue.add("b", "k", now=0.0)  # a new group: the closed one takes no one
     assert queue.take_ready(now=0.0) == [["a"]]
     assert queue.take_ready(now=1.0) == []
+
+
+def test_a_key_asking_one_question_at_a_time_stops_waiting_until_company_comes():
+    queue = make_queue(max_wait_s=0.5)
+    queue.add("a", "k", now=0.0)
+    assert queue.take_ready(now=0.5) == [["a"]]  # waited its time for no one
+    queue.add("b", "k", now=2.0)  # the next question, after a's answer: ready at once
+    assert queue.take_ready(now=2.0) == [["b"]]
+    queue.add("c", "k", now=3.0)
+    queue.add("d", "k", now=3.1)  # c went at once; d opens a group that waits again
+    assert queue.take_ready(now=3.1) == [["c"]]
+    queue.add("e", "k", now=3.2)
+    assert queue.take_ready(now=3.5) == []
+    assert queue.take_ready(now=3.6) == [["d", "e"]]  # company came: the key waits again
+    queue.add("f", "k", now=5.0)
+    assert queue.take_ready(now=5.0) == []
+    assert queue.take_ready(now=5.5) == [["f"]]
+    queue.add("g", "other", now=6.0)  # other keys never stopped waiting
+    assert queue.take_ready(now=6.0) == [] and queue.take_ready(now=6.5) == [["g"]]
+
+
+def test_only_the_most_recent_lone_keys_are_remembered(monkeypatch):
+    monkeypatch.setattr(grouping, "MAX_LONE_KEYS", 2)
+    queue = make_queue(max_wait_s=0.5)
+    for index, key in enumerate("xyz"):
+        queue.add(key, key, now=float(index))
+        assert queue.take_ready(now=index + 0.5) == [[key]]
+    queue.add("x2", "x", now=9.0)  # x, the oldest, was forgotten: it waits again
+    queue.add("z2", "z", now=9.0)
+    assert queue.take_ready(now=9.0) == [["z2"]]
+    assert queue.take_ready(now=9.5) == [["x2"]]
