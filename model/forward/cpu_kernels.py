@@ -104,6 +104,7 @@ class StepKernels:
         each. layers: [L, 10] int64, each layer's weight addresses
         as `cpu_layers` lays them out; product: the address of the block matmul that multiplies
         them; kv: the pool [L, 2, Hkv, slots, D]."""
+        assert kv.is_contiguous() and kv.dtype == torch.float32, "the pool as the loop reads it"
         x = x.contiguous().clone()
         cos, sin = cos.contiguous(), sin.contiguous()
         delta = torch.empty_like(x)

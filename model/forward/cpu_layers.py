@@ -34,11 +34,12 @@ class LayerStack:
     modules: nn.ModuleList  # keeps what the table points into alive
 
     @classmethod
-    def of(cls, layers: nn.ModuleList, hidden_act: str | None) -> LayerStack | None:
-        """The stack for these transformers decoder layers, or None when some layer is not
-        the shape the C loop computes: q / k / v and gate / up each one Q4_1 projection, the
-        output and down projections Q4_1, SiLU, fp32 norms of one epsilon, one kernel build."""
-        if hidden_act not in ("silu", "swish") or len(layers) == 0:
+    def of(cls, layers: nn.ModuleList) -> LayerStack | None:
+        """The stack for these transformers decoder layers (of a gated SiLU MLP), or None when
+        some layer is not the shape the C loop computes: q / k / v and gate / up each one Q4_1
+        projection, the output and down projections Q4_1, fp32 norms of one epsilon, one
+        kernel build."""
+        if len(layers) == 0:
             return None
         rows: list[list[int]] = []
         products: set[int] = set()

@@ -115,8 +115,8 @@ class DecoderForward:
         self.layer_stack: LayerStack | None = None
         if self.embed.weight.device.type == "cpu":
             cpu_kernels.for_isa()  # built (or found in the cache) now, not in the first request
-            if whole_layers:
-                self.layer_stack = LayerStack.of(body.layers, getattr(config, "hidden_act", None))
+            if whole_layers and self.gated_silu:
+                self.layer_stack = LayerStack.of(body.layers)
 
     @property
     def pool_shape(self) -> PoolShape:
