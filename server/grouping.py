@@ -6,8 +6,7 @@ HTTP), so it is tested on its own:
     come one at a time, each after the last one's answer) stops waiting: a question of it that
     comes `max_wait_s` or more after the last one is ready at once; one that comes sooner
     opens a group that waits, and once a group of the key gets a second member, the key waits
-    again. A
-    grouped request arrives as pre-formed groups, ready at once.
+    again. A grouped request arrives as pre-formed groups, ready at once.
   - A question without a hint is a group of one, sent to the engine at once. It shares compute
     with every other question of its tenant through the engine's prefix cache (the longest
     cached prefix, token by token), but never rows: its answer never depends on strangers.

@@ -101,9 +101,9 @@ class StepKernels:
                        num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer of a step over x [T, d] (fp32, CPU), each op as the methods above compute
         it: (the residual stream without the last layer's MLP output, that output), [T, d]
-        each. layers: [L, 10] int64, each layer's weight addresses
-        as `cpu_layers` lays them out; product: the address of the block matmul that multiplies
-        them; kv: the pool [L, 2, Hkv, slots, D]."""
+        each. layers: [L, 10] int64, each layer's weight addresses as `cpu_layers` lays them
+        out; product: the address of the block matmul that multiplies them; kv: the pool
+        [L, 2, Hkv, slots, D]."""
         assert kv.is_contiguous() and kv.dtype == torch.float32, "the pool as the loop reads it"
         x = x.contiguous().clone()
         cos, sin = cos.contiguous(), sin.contiguous()
