@@ -16,10 +16,11 @@ DECODE_GRAPH_ROWS = {"cpu": 0, "cuda": 128}
 POOL_CONTEXTS = 16  # a default pool never holds more than this many full contexts
 # what a token adds to a decode step, as a share of the step's time apart from its tokens: the
 # speculation cost model's slope until the steps it sees show theirs (model.engine.speculation).
-# A CPU: 0.15-0.2 (bench.step, the embedded model in int4 on AVX2: 12.9 ms at 1 row, 26.8 at
-# 8, 93.5 at 32). A GPU: 0.005 (an 8B model on an H100, as SGLang publishes it: 7.4 ms a step
-# at 1 row, 11.8 ms at 128; a step is bound by reading the weights up to hundreds of rows)
-TOKEN_SHARE = {"cpu": 0.2, "cuda": 0.005}
+# A CPU: 0.3-0.4 (bench.step, the embedded model in int4 on AVX2, the layer stack in one call:
+# 7.7-8.5 ms at 1 row, 21.8-25.6 at 8, about 2.1 ms a token over a fixed 6 ms). A GPU: 0.005
+# (an 8B model on an H100, as SGLang publishes it: 7.4 ms a step at 1 row, 11.8 ms at 128; a
+# step is bound by reading the weights up to hundreds of rows)
+TOKEN_SHARE = {"cpu": 0.35, "cuda": 0.005}
 MAX_PROPOSAL_TOKENS = 8  # the longest proposal a row verifies in a step
 
 
