@@ -231,7 +231,8 @@ void rotate_and_store(const float *q, const float *k, const float *v, int64_t st
 
 /* e^x for -104 <= x <= 104 as SLEEF's expf (its 1-ulp version, with fused multiply-adds),
    which torch's vectorized CPU kernels use: so the SiLU below computes exactly torch's silu on
-   its AVX2, AVX-512 and NEON builds. Past 88.7 it is infinity, below -103.3 zero. */
+   its AVX2, AVX-512 and NEON builds. Past 88.7 it is infinity, below -103.3 zero. (The
+   softmax keeps exp_clamped: another exponential there would change every answer's bits.) */
 static inline float exp_sleef(float x) {
     const float q = rintf(x * 1.44269504088896340736f);
     float s = fmaf(q, -0.693145751953125f, x);
