@@ -49,9 +49,13 @@ class StepWork:
         return not self.decode_rows and not self.chunks
 
     @property
+    def num_proposed_tokens(self) -> int:
+        return sum(map(len, self.proposals.values()))
+
+    @property
     def num_decoding_tokens(self) -> int:
         """What the decoding rows feed: each its last token, and its proposal."""
-        return len(self.decode_rows) + sum(map(len, self.proposals.values()))
+        return len(self.decode_rows) + self.num_proposed_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +136,7 @@ class Scheduler:
         self.num_row_steps += len(work.decode_rows)
         self.num_decode_tokens += len(work.decode_rows)
         self.num_drafts += len(work.proposals)
-        self.num_draft_tokens += work.num_decoding_tokens - len(work.decode_rows)
+        self.num_draft_tokens += work.num_proposed_tokens
         completed = []
         for chunk in work.chunks:
             job = chunk.job

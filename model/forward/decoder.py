@@ -146,7 +146,13 @@ class DecoderForward:
         cos, sin = cos[0], sin[0]
         if self.layer_stack is not None and isinstance(ops, CpuKernels):
             x, delta = self.layer_stack(ops.kernels, x, self.num_heads, kv, cos, sin, step)
-            return ops.norm(x[step.output_index] + delta[step.output_index], self.norm)
+        else:
+            x, delta = self._layers(ops, x, cos, sin, kv, step)
+        return ops.norm(x[step.output_index] + delta[step.output_index], self.norm)
+
+    def _layers(self, ops: TorchOps, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: torch.Tensor, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers op by op: (x without the last layer's output, that output)."""
         delta = None  # each block's last output, added to x by the next norm
         for index, block in enumerate(self.blocks):
             keys, values = kv[index, 0], kv[index, 1]  # [Hkv, slots, D]
@@ -157,5 +163,4 @@ class DecoderForward:
             gate, up = block.gate_up(h)
             delta = block.down_proj(ops.gated(gate, up, block.act_fn))
         assert delta is not None, "a decoder has layers"
-        x = x[step.output_index] + delta[step.output_index]
-        return ops.norm(x, self.norm)
+        return x, delta
