@@ -44,6 +44,12 @@ static void quantize_row(const float *x, int64_t k, int8_t *qx, float *dx, float
     }
 }
 
+/* An empty asm that says it may change v: GCC must keep v's sum in a register as it goes.
+   Integer addition being associative, GCC otherwise computes a block's 32 byte products first
+   and adds them up as a tree, which needs more registers than there are: a third of the
+   loop's instructions became spills to the stack. */
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
+
 static inline __m256i broadcast4(const int8_t *at) {
     int32_t four;
     memcpy(&four, at, sizeof four);
@@ -74,6 +80,7 @@ static inline __attribute__((always_inline)) void half_group(
                         _mm256_maddubs_epi16(first, broadcast4(x + r * k + 8 * p)),
                         _mm256_maddubs_epi16(second, broadcast4(x + r * k + 8 * p + 4)));
                     dots[r] = _mm256_add_epi16(dots[r], pairs); /* 16-bit sums for now */
+                    IN_REGISTER(dots[r]);
                 }
             }
             for (int r = 0; r < rows; ++r) dots[r] = _mm256_madd_epi16(dots[r], ones);
@@ -92,6 +99,7 @@ static inline __attribute__((always_inline)) void half_group(
                     const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(ax),
                                                                _mm256_sign_epi8(quad, ax));
                     dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(pairs, ones));
+                    IN_REGISTER(dots[r]);
                 }
             }
             d = _mm256_cvtph_ps(
