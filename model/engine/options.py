@@ -9,15 +9,19 @@ from typing import TypeVar
 Value = TypeVar("Value", int, float)
 
 KV_CACHE_MB = {"cpu": 1024, "cuda": 8192}
-# prompt tokens per step: on a GPU a step of 512 tokens mostly pays for its launches
-MAX_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
+# prompt tokens per step. On a GPU a step of 512 tokens mostly pays for its launches. On a CPU a
+# step's time is its tokens, and a running row waits for the step's prompt chunk: 128 tokens
+# keep that wait near a tenth of a second, and a 2,048-token prompt fills as fast in chunks of
+# 128 as of 512 (the block matmul reads the weights once per chunk, which is cheap beside its
+# arithmetic at 128 rows)
+MAX_PREFILL_TOKENS = {"cpu": 128, "cuda": 8192}
 # decode steps of up to this many rows replay a captured CUDA graph (model.forward.cuda_graphs)
 DECODE_GRAPH_ROWS = {"cpu": 0, "cuda": 128}
 POOL_CONTEXTS = 16  # a default pool never holds more than this many full contexts
 # what a token adds to a decode step, as a share of the step's time apart from its tokens: the
 # speculation cost model's slope until the steps it sees show theirs (model.engine.speculation).
-# A CPU: 0.3-0.4 (bench.step, the embedded model in int4 on AVX2, the layer stack in one call:
-# 7.7-8.5 ms at 1 row, 21.8-25.6 at 8, about 2.1 ms a token over a fixed 6 ms). A GPU: 0.005
+# A CPU: 0.35 (bench.step, the embedded model in int4 on AVX2, the layer stack in one call:
+# 5.5-6.1 ms at 1 row, 14.4-14.7 at 7, about 1.5 ms a token over a fixed 4.2 ms). A GPU: 0.005
 # (an 8B model on an H100, as SGLang publishes it: 7.4 ms a step at 1 row, 11.8 ms at 128; a
 # step is bound by reading the weights up to hundreds of rows)
 TOKEN_SHARE = {"cpu": 0.35, "cuda": 0.005}
