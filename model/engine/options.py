@@ -10,11 +10,10 @@ Value = TypeVar("Value", int, float)
 
 KV_CACHE_MB = {"cpu": 1024, "cuda": 8192}
 # prompt tokens per step. On a GPU a step of 512 tokens mostly pays for its launches. On a CPU a
-# step's time is its tokens, and a running row waits for the step's prompt chunk: 128 tokens
-# keep that wait near a tenth of a second, and a 2,048-token prompt fills as fast in chunks of
-# 128 as of 512 (the block matmul reads the weights once per chunk, which is cheap beside its
-# arithmetic at 128 rows)
-MAX_PREFILL_TOKENS = {"cpu": 128, "cuda": 8192}
+# running row waits for the step's prompt chunk, yet chunks of 128 measured no better than 512 in
+# the load bench: first tokens 0.94x as late, requests 0.96x as fast (geometric means of four
+# runs; docs/load-bench.md)
+MAX_PREFILL_TOKENS = {"cpu": 512, "cuda": 8192}
 # decode steps of up to this many rows replay a captured CUDA graph (model.forward.cuda_graphs)
 DECODE_GRAPH_ROWS = {"cpu": 0, "cuda": 128}
 POOL_CONTEXTS = 16  # a default pool never holds more than this many full contexts
